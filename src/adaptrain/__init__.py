@@ -1,0 +1,41 @@
+"""adaptrain: a PyTorch training engine that tunes itself to the hardware it runs on."""
+
+from adaptrain.callbacks import Callback, CallbackError, EarlyStopping, ProgressBar
+from adaptrain.errors import BatchStructureError, ConfigError, MissingExtraError, NonFiniteLossError
+from adaptrain.events import (
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    CancelTrainException,
+    CancelValidateException,
+    Event,
+)
+from adaptrain.history import History
+from adaptrain.losses import MultiLoss
+from adaptrain.metrics import MetricError
+from adaptrain.state import TrainState
+from adaptrain.trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStructureError",
+    "Callback",
+    "CallbackError",
+    "CancelBatchException",
+    "CancelEpochException",
+    "CancelFitException",
+    "CancelTrainException",
+    "CancelValidateException",
+    "ConfigError",
+    "EarlyStopping",
+    "Event",
+    "History",
+    "MetricError",
+    "MissingExtraError",
+    "MultiLoss",
+    "NonFiniteLossError",
+    "ProgressBar",
+    "TrainState",
+    "Trainer",
+]

@@ -1,0 +1,98 @@
+"""How a batch becomes model inputs and targets: structure checks, device moves, model calls.
+
+A loader yields ``(inputs, targets)`` (a tuple or list of two) or a dict with keys
+``"inputs"`` and ``"targets"``. ``inputs`` is a tensor, a tuple/list (the model is called
+``model(*inputs)``) or a dict (``model(**inputs)``). ``targets`` mirrors the model's outputs:
+a tensor, or a tuple/list/dict of tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adaptrain.errors import BatchStructureError
+
+
+def split_batch(batch: Any, loader_name: str) -> tuple[Any, Any]:
+    """Split a batch into (inputs, targets), or raise an error naming the loader and what it yielded."""
+    if isinstance(batch, dict) and "inputs" in batch and "targets" in batch:
+        return batch["inputs"], batch["targets"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise BatchStructureError(
+        f"{loader_name} yielded {describe(batch)}; expected (inputs, targets) - a tuple or list of two, "
+        f"or a dict with keys 'inputs' and 'targets'."
+    )
+
+
+def describe(obj: Any) -> str:
+    """A short description of a (nested) batch for error messages: types and shapes."""
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor{tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(obj.items())[:6]) + "}"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(describe(v) for v in obj[:6])
+        return f"{type(obj).__name__} of {len(obj)} ({inner})"
+    return type(obj).__name__
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in a nested structure; ``non_blocking`` overlaps the copy when memory is pinned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Any, targets: Any = None) -> int:
+    """The number of samples: dim 0 of the first tensor found (targets first, then inputs)."""
+    for obj in (targets, inputs):
+        tensor = _first_tensor(obj)
+        if tensor is not None and tensor.dim() > 0:
+            return int(tensor.shape[0])
+    raise BatchStructureError(f"cannot tell the batch size: no tensor with a batch dimension in {describe(inputs)}.")
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def select(obj: Any, key: Any) -> Any:
+    """Pick one output (or target) by dict key or sequence index; ``None`` keeps the whole."""
+    if key is None:
+        return obj
+    try:
+        return obj[key]
+    except (KeyError, IndexError, TypeError) as error:
+        raise BatchStructureError(f"cannot select {key!r} from {describe(obj)}.") from error
+
+
+def detach_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: detach_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(detach_cpu(v) for v in obj)
+    return obj

@@ -1,0 +1,5 @@
+from adaptrain.callbacks.base import Callback, CallbackError
+from adaptrain.callbacks.early_stopping import EarlyStopping
+from adaptrain.callbacks.progress import ProgressBar
+
+__all__ = ["Callback", "CallbackError", "EarlyStopping", "ProgressBar"]

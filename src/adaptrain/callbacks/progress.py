@@ -1,0 +1,114 @@
+"""The progress bar: rich on a terminal, one plain line per epoch elsewhere (CI, log files)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from adaptrain.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from adaptrain.trainer import Trainer
+
+_SKIP = {"epoch", "epoch_time", "samples_per_s"}
+
+
+def format_values(values: dict[str, Any], skip: set[str] = _SKIP) -> str:
+    """``name value`` pairs with 4 significant digits, for bars and log lines.
+
+    Example:
+        >>> format_values({"train_loss": 0.123456, "lr": 0.001, "epoch": 3})
+        'train_loss 0.1235  lr 0.001'
+    """
+    parts = []
+    for key, value in values.items():
+        if key in skip:
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return "  ".join(parts)
+
+
+class ProgressBar(Callback):
+    """Shows epoch i/N, batch j/M, lr, running loss and metrics, speed; a summary line per epoch.
+
+    An observer: reads the state, changes nothing. Values are those read at the trainer's
+    refresh points (every ``log_every_n_steps`` batches), so the bar adds no host-device sync.
+    """
+
+    order = 100  # after every other callback, so summaries include what they added
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    @property
+    def interactive(self) -> bool:
+        return self.console.is_terminal
+
+    def print(self, *args: Any) -> None:
+        self.console.print(*args, highlight=False, soft_wrap=True)
+
+    def before_fit(self, trainer: "Trainer") -> None:
+        if self.interactive and trainer.is_global_zero:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("{task.fields[speed]}"),
+                TextColumn("{task.fields[values]}"), console=self.console, transient=False,
+            )
+            self._progress.start()
+
+    def before_train(self, trainer: "Trainer") -> None:
+        if self._progress is None:
+            return
+        state = trainer.state
+        total = _length(state.train_loader)
+        description = f"epoch {state.epoch + 1}/{state.max_epochs}"
+        self._task = self._progress.add_task(description, total=total, values="", speed="")
+
+    def after_batch(self, trainer: "Trainer") -> None:
+        if self._progress is None or self._task is None:
+            return
+        state = trainer.state
+        fields = {}
+        if state.batch_idx % trainer.log_every_n_steps == 0:
+            elapsed = state.data_time + state.compute_time
+            speed = f"{state.batch_idx / elapsed:.1f} it/s" if elapsed else ""
+            fields = {"values": format_values({"lr": state.lr, **state.running}), "speed": speed}
+        self._progress.update(self._task, completed=state.batch_idx, **fields)
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        if not trainer.is_global_zero:
+            return
+        state = trainer.state
+        record = state.history.records[-1]
+        summary = (f"epoch {record['epoch']}/{state.max_epochs}  {format_values(record)}  "
+                   f"{record.get('epoch_time', 0):.1f}s  {record.get('samples_per_s', 0):.0f} samples/s")
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, values=format_values(record), speed="")
+            self._progress.stop_task(self._task)
+            self._task = None
+        else:
+            self.print(summary)
+
+    def after_fit(self, trainer: "Trainer") -> None:
+        self._close(trainer)
+
+    def exception(self, trainer: "Trainer") -> None:
+        self._close(trainer)
+
+    def _close(self, trainer: "Trainer") -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if trainer.state.stop_reason and trainer.is_global_zero:
+            self.print(f"stopped: {trainer.state.stop_reason}")
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None

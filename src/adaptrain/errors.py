@@ -1,0 +1,44 @@
+"""Errors that name what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad setting, with the path of the field that holds it.
+
+    Example:
+        >>> str(ConfigError("trainer.precision", 'is "fp8"; expected one of "32", "16-mixed", "bf16-mixed".'))
+        'trainer.precision is "fp8"; expected one of "32", "16-mixed", "bf16-mixed".'
+    """
+
+    def __init__(self, field: str, message: str, source: str | None = None) -> None:
+        self.field = field
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__(f"{prefix}{field} {message}")
+
+
+class BatchStructureError(TypeError):
+    """A loader yielded a batch the trainer cannot split into inputs and targets."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; names the epoch and step where it first appeared."""
+
+    def __init__(self, epoch: int, step: int, batch_idx: int) -> None:
+        self.epoch, self.step, self.batch_idx = epoch, step, batch_idx
+        super().__init__(
+            f"non-finite loss (NaN or Inf) first seen at epoch {epoch}, batch {batch_idx} "
+            f"(optimizer step {step}). Lower the learning rate, clip gradients "
+            f"(gradient_clip_val=...), or pass nan_policy='skip' to skip such steps."
+        )
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; names the install command."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the '{package}' package, which is not installed. "
+            f"Install it with: pip install 'adaptrain[{extra}]'"
+        )

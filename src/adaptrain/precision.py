@@ -1,0 +1,123 @@
+"""Precision plugins: "32", "16-mixed" (autocast + GradScaler) and "bf16-mixed" (autocast only).
+
+Each plugin is a handful of small methods the loop calls at fixed points, so the loop itself
+never branches on precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+
+
+def precision_support(precision: str, device_type: str, capability: tuple[int, int] | None = None) -> str | None:
+    """Why ``precision`` cannot run on this device, or None when it can.
+
+    ``capability`` is the CUDA compute capability. bf16 needs >= 8.0 (Ampere): older GPUs
+    report ``torch.cuda.is_bf16_supported() == True`` but only emulate it, slowly.
+
+    Example:
+        >>> precision_support("bf16-mixed", "cuda", (7, 5))
+        'bf16-mixed was requested but this GPU (compute capability 7.5) has no native bfloat16 support; use "16-mixed" or "32".'
+        >>> precision_support("bf16-mixed", "cpu") is None
+        True
+    """
+    if precision not in PRECISIONS:
+        return f'precision is "{precision}"; expected one of "32", "16-mixed", "bf16-mixed".'
+    if precision == "32":
+        return None
+    if device_type == "cuda":
+        if precision == "bf16-mixed" and capability is not None and capability < (8, 0):
+            return (
+                f"bf16-mixed was requested but this GPU (compute capability {capability[0]}.{capability[1]}) "
+                'has no native bfloat16 support; use "16-mixed" or "32".'
+            )
+        return None
+    if device_type == "cpu":
+        return None  # torch's CPU autocast runs both bfloat16 and float16 (GradScaler("cpu") since 2.3)
+    return f'{precision} is not supported on device type "{device_type}"; use "32".'
+
+
+class Precision:
+    """Full fp32: every method is a no-op or the plain PyTorch call."""
+
+    name = "32"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def autocast(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``.grad`` hold true gradients (before clipping or inspecting them)."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Run the optimizer step; False when it was skipped (non-finite gradients)."""
+        optimizer.step()
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class MixedPrecision(Precision):
+    """Autocast to ``dtype``; for float16 also a GradScaler, which skips steps with inf/NaN gradients."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(device)
+        self.dtype = dtype
+        self.name = "16-mixed" if dtype == torch.float16 else "bf16-mixed"
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self._unscaled = False
+
+    def autocast(self) -> ContextManager[Any]:
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler and not self._unscaled:
+            self.scaler.unscale_(optimizer)
+            self._unscaled = True
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        if self.scaler is None:
+            optimizer.step()
+            return True
+        # GradScaler.step already reads found_inf on the host (a sync), so comparing scales adds none:
+        # the scale only drops when the step was skipped.
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self._unscaled = False
+        return self.scaler.get_scale() >= scale_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_precision(precision: str, device: torch.device) -> Precision:
+    """The plugin for ``precision`` on ``device``; raises ValueError if the device cannot run it."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    reason = precision_support(str(precision), device.type, capability)
+    if reason:
+        raise ValueError(reason)
+    if precision == "32":
+        return Precision(device)
+    return MixedPrecision(device, torch.float16 if precision == "16-mixed" else torch.bfloat16)

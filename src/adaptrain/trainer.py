@@ -1,0 +1,470 @@
+"""Trainer: fit / validate / test / predict, the loop, and the events it fires."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+from adaptrain import distributed
+from adaptrain.batch import batch_size_of, call_model, detach_cpu, split_batch, to_device
+from adaptrain.callbacks.base import Callback, CallbackList
+from adaptrain.callbacks.progress import ProgressBar
+from adaptrain.errors import ConfigError, NonFiniteLossError
+from adaptrain.events import CANCEL_EXCEPTIONS, Event
+from adaptrain.history import History
+from adaptrain.losses import as_criterion, split_loss
+from adaptrain.metrics import MetricSet, WeightedMean
+from adaptrain.precision import PRECISIONS, build_precision
+from adaptrain.state import TrainState, rng_state, seed_everything, set_rng_state
+
+_STEP_SCHEDULERS = (OneCycleLR, CyclicLR)
+
+
+class Trainer:
+    """Trains any ``nn.Module``: one loop, extended by callbacks.
+
+    Args:
+        model: the module to train; moved to ``device``.
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters.
+        criterion: ``fn(outputs, targets) -> loss`` (a tensor, or a dict with ``"loss"`` and parts),
+            or a dict/list of per-output losses (see :class:`~adaptrain.MultiLoss` for weights).
+        metrics: name -> torchmetrics ``Metric`` or callable ``fn(outputs, targets)``; or output key ->
+            {name: metric} for one output of a multi-output model.
+        scheduler: an LR scheduler; a factory ``f(optimizer, total_steps=...)`` (e.g.
+            ``functools.partial(OneCycleLR, max_lr=0.1)``: total steps are filled in from the loader
+            length, epochs and accumulation); or a dict ``{"scheduler": ..., "interval": "step"|"epoch",
+            "monitor": "val_loss"}``. OneCycleLR/CyclicLR step per optimizer step, others per epoch;
+            ReduceLROnPlateau is fed its monitored value.
+        precision: ``"32"``, ``"16-mixed"`` (autocast + GradScaler) or ``"bf16-mixed"``.
+        accumulate_grad_batches: optimizer step every N batches, with gradients equal to one batch
+            N times larger (each batch weighted by its size, so a short last window is exact too).
+        max_epochs: epochs to train.
+        callbacks: extra :class:`~adaptrain.Callback` objects.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), or any ``torch.device`` string.
+        gradient_clip_val: clip the gradient norm to this value (after unscaling).
+        seed: seeds python, numpy and torch at ``fit``: two CPU runs are then bit-identical.
+        nan_policy: ``"raise"`` stops at the next sync point with the epoch and batch where the
+            loss first became NaN/Inf (steps taken in between already changed the weights; resume
+            from a checkpoint); ``"skip"`` skips such batches and counts them (one sync per batch).
+        compile: wrap the model's forward in ``torch.compile``.
+        progress: show the progress bar (plain lines when stdout is not a terminal).
+        log_every_n_steps: batches between reads of running loss and metrics (host-device syncs).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+        >>> model = nn.Linear(4, 1)
+        >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
+        ...                   max_epochs=2, progress=False, seed=0)
+        >>> history = trainer.fit(DataLoader(data, batch_size=16))
+        >>> [r["epoch"] for r in history.records]
+        [1, 2]
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Any,
+        metrics: Mapping[str, Any] | None = None,
+        scheduler: Any = None,
+        precision: str = "32",
+        accumulate_grad_batches: int = 1,
+        max_epochs: int = 1,
+        callbacks: Iterable[Callback] | None = None,
+        device: str | torch.device = "auto",
+        gradient_clip_val: float | None = None,
+        seed: int | None = None,
+        nan_policy: str = "raise",
+        compile: bool = False,
+        progress: bool = True,
+        log_every_n_steps: int = 20,
+    ) -> None:
+        _check_args(model, optimizer, precision, accumulate_grad_batches, max_epochs, gradient_clip_val,
+                    nan_policy, log_every_n_steps)
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device)
+        self.criterion = as_criterion(criterion)
+        self.metric_specs = dict(metrics or {})
+        self.precision_name = str(precision)
+        self.gradient_clip_val = gradient_clip_val
+        self.seed = seed
+        self.nan_policy = nan_policy
+        self.log_every_n_steps = log_every_n_steps
+        self._forward_model = torch.compile(model) if compile else model
+        self._scheduler_spec = _parse_scheduler(scheduler)
+        self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device,
+                                max_epochs=max_epochs, accumulate_grad_batches=accumulate_grad_batches)
+        self.train_metrics = MetricSet(self.metric_specs, self.device)
+        self.val_metrics = MetricSet(self.metric_specs, self.device)
+        callbacks = list(callbacks or [])
+        if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            callbacks.append(ProgressBar())
+        self.callbacks = CallbackList(callbacks)
+        self.is_global_zero = distributed.is_global_zero()
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
+            ckpt_path: str | None = None) -> History:
+        """Train for ``max_epochs`` (or until a callback stops it) and return the :class:`History`.
+
+        ``ckpt_path`` (a path, or ``"last"``) resumes a run exactly where its checkpoint left it.
+        """
+        state = self.state
+        state.train_loader, state.val_loader = train_loader, val_loader
+        if self.seed is not None:
+            seed_everything(self.seed)
+        # Everything that can be wrong is checked here, before the first step.
+        state.precision = build_precision(self.precision_name, self.device)
+        state.steps_per_epoch = _steps_per_epoch(train_loader, state.accumulate_grad_batches)
+        self._setup_scheduler()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
+        if ckpt_path is not None:
+            from adaptrain.checkpoint import restore_trainer
+
+            restore_trainer(self, ckpt_path)
+        try:
+            self._with_events("fit", self._fit_epochs)
+        except BaseException as error:
+            state.exception = error
+            self.callbacks.fire(Event.EXCEPTION.value, self)
+            raise
+        return state.history
+
+    def validate(self, loader: Iterable) -> dict[str, float]:
+        """Evaluate on ``loader``; returns ``{"val_loss": ..., "val_<metric>": ...}``."""
+        return self._evaluate(loader, "val", "val_loader")
+
+    def test(self, loader: Iterable) -> dict[str, float]:
+        """Like :meth:`validate`, with keys prefixed ``test_``."""
+        return self._evaluate(loader, "test", "test_loader")
+
+    @torch.inference_mode()
+    def predict(self, loader: Iterable) -> Any:
+        """Model outputs over ``loader`` (batches of inputs, or (inputs, targets)), concatenated on CPU."""
+        self.model.eval()
+        outputs = []
+        for batch in loader:
+            inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch, "predict loader")[0]
+            with self._precision().autocast():
+                outputs.append(detach_cpu(call_model(self._forward_model, to_device(inputs, self.device))))
+        return _concat(outputs)
+
+    def print(self, *args: Any) -> None:
+        """Print on rank zero only, through the progress bar's console when there is one."""
+        if not self.is_global_zero:
+            return
+        bars = self.callbacks.find(ProgressBar)
+        (bars[0].print if bars else print)(*args)
+
+    # ------------------------------------------------------------------ the loop
+    def _fit_epochs(self) -> None:
+        state = self.state
+        while state.epoch < state.max_epochs and not state.should_stop:
+            self._with_events("epoch", self._run_epoch)
+
+    def _run_epoch(self) -> None:
+        state = self.state
+        state.epoch_logs = {"epoch": state.epoch + 1}
+        self._with_events("train", self._train_epoch)
+        if state.val_loader is not None:
+            self._with_events("validate", self._validate_epoch)
+        state.epoch_logs["lr"] = state.lr  # the lr of the epoch's last optimizer step
+        self._step_scheduler_per_epoch()
+        state.epoch += 1
+        state.batch_idx = 0
+        state.history.append(_ordered_record(state.epoch_logs))
+
+    def _train_epoch(self) -> None:
+        state = self.state
+        self.model.train()
+        self.train_metrics.reset()
+        self._losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
+        self._window_samples = 0
+        self._first_bad = None
+        self._num_batches = _length(state.train_loader)
+        state.data_time = state.compute_time = 0.0
+        skip = state.batch_idx
+        if skip:  # resuming mid-epoch: replay the sampler's order, then skip what was already trained
+            set_rng_state(state.epoch_start_rng)
+        state.epoch_start_rng = rng_state()
+        epoch_start = time.perf_counter()
+        samples = 0
+        batches = iter(state.train_loader)
+        for _ in range(skip):
+            next(batches)
+        if skip and state.resume_rng is not None:
+            set_rng_state(state.resume_rng)
+            state.resume_rng = None
+        fetch_start = time.perf_counter()
+        for batch in batches:
+            compute_start = time.perf_counter()
+            state.data_time += compute_start - fetch_start
+            state.batch, state.batch_idx = batch, state.batch_idx + 1
+            self._last_batch_size = 0
+            self._with_events("batch", self._train_batch)
+            samples += self._last_batch_size
+            fetch_start = time.perf_counter()
+            state.compute_time += fetch_start - compute_start
+        if self._window_samples:  # the loader ran short of the announced length: step what is left
+            self._optimizer_step()
+        self._refresh()
+        elapsed = time.perf_counter() - epoch_start
+        state.epoch_logs.update({f"train_{k}": v for k, v in state.running.items()})
+        state.epoch_logs.update(epoch_time=elapsed, samples_per_s=samples / elapsed if elapsed else 0.0)
+
+    def _train_batch(self) -> None:
+        state = self.state
+        inputs, targets = split_batch(state.batch, "train_loader")
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        batch_size = self._last_batch_size = batch_size_of(inputs, targets)
+        with state.precision.autocast():
+            outputs = call_model(self._forward_model, inputs)
+            loss, parts = split_loss(self.criterion(outputs, targets))
+        state.outputs, state.loss = outputs, loss
+        if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
+            state.skipped_batches += 1
+        else:
+            self._track(loss, parts, outputs, targets, batch_size)
+            scale = batch_size if state.accumulate_grad_batches > 1 else 1
+            state.precision.backward(loss * scale if scale != 1 else loss)
+            self._window_samples += batch_size
+            self.callbacks.fire(Event.AFTER_BACKWARD.value, self)
+        window_full = state.batch_idx % state.accumulate_grad_batches == 0
+        if (window_full or state.batch_idx == self._num_batches) and self._window_samples:
+            self._optimizer_step()
+        if state.batch_idx % self.log_every_n_steps == 0:
+            self._refresh()
+
+    def _optimizer_step(self) -> None:
+        state = self.state
+        optimizer = state.optimizer
+        if state.accumulate_grad_batches > 1:
+            # Each batch's loss was scaled by its size: dividing by the window's samples gives the
+            # gradient of one big batch, also for a short last window.
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / self._window_samples)
+        if self.gradient_clip_val is not None:
+            state.precision.unscale(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
+        self.callbacks.fire(Event.BEFORE_STEP.value, self)
+        stepped = state.precision.step(optimizer)
+        if not stepped:
+            state.skipped_steps += 1  # the scheduler must not advance past a step that did not happen
+        elif state.scheduler is not None and state.scheduler_interval == "step":
+            state.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._window_samples = 0
+        state.global_step += 1
+        self.callbacks.fire(Event.AFTER_STEP.value, self)
+
+    def _track(self, loss: torch.Tensor, parts: dict, outputs: Any, targets: Any, batch_size: int) -> None:
+        """Accumulate loss, parts and metrics on the device; remember where a loss first went NaN/Inf."""
+        self._losses["loss"].update(loss, batch_size)
+        for name, part in parts.items():
+            self._losses.setdefault(name, WeightedMean()).update(part, batch_size)
+        self.train_metrics.update(outputs, targets, batch_size)
+        if self.nan_policy == "raise":
+            bad = ~torch.isfinite(loss.detach())
+            if self._first_bad is None:
+                self._first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+                self._batch_counter = torch.zeros((), device=self.device, dtype=torch.long)
+            self._batch_counter += 1
+            self._first_bad = torch.where((self._first_bad < 0) & bad, self._batch_counter, self._first_bad)
+
+    def _refresh(self) -> None:
+        """Read running loss and metrics from the device: a host-device sync, so only every N steps."""
+        state = self.state
+        if self._first_bad is not None:
+            first_bad = int(self._first_bad)
+            if first_bad > 0:
+                batch_idx = first_bad + (state.batch_idx - int(self._batch_counter))
+                step = state.global_step - (state.batch_idx - batch_idx) // state.accumulate_grad_batches
+                raise NonFiniteLossError(state.epoch + 1, step, batch_idx)
+        running = {name: mean.compute() for name, mean in self._losses.items()}
+        running = {k: v for k, v in running.items() if v is not None}
+        running.update(self.train_metrics.compute())
+        state.running = running
+
+    def _validate_epoch(self) -> None:
+        self.state.epoch_logs.update(self._run_eval(self.state.val_loader, "val", "val_loader"))
+
+    def _evaluate(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
+        if self.state.precision is None:
+            self.state.precision = build_precision(self.precision_name, self.device)
+        self.state.epoch_logs = {}
+        self._with_events("validate", lambda: self.state.epoch_logs.update(self._run_eval(loader, prefix, loader_name)))
+        return dict(self.state.epoch_logs)
+
+    @torch.inference_mode()
+    def _run_eval(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
+        self.model.eval()
+        self.val_metrics.reset()
+        losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
+        for batch in loader:
+            inputs, targets = split_batch(batch, loader_name)
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            batch_size = batch_size_of(inputs, targets)
+            with self.state.precision.autocast():
+                outputs = call_model(self._forward_model, inputs)
+                loss, parts = split_loss(self.criterion(outputs, targets))
+            for name, value in {"loss": loss, **parts}.items():
+                losses.setdefault(name, WeightedMean()).update(value, batch_size)
+            self.val_metrics.update(outputs, targets, batch_size)
+        values = {name: mean.compute() for name, mean in losses.items()}
+        values.update(self.val_metrics.compute())
+        return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
+
+    # ------------------------------------------------------------------ events and scheduling
+    def _with_events(self, stage: str, run: Callable[[], None]) -> None:
+        """before_<stage>, the stage, after_cancel_<stage> if it was cancelled, after_<stage>."""
+        self.callbacks.fire(f"before_{stage}", self)
+        try:
+            run()
+        except CANCEL_EXCEPTIONS[stage]:
+            self.callbacks.fire(f"after_cancel_{stage}", self)
+        self.callbacks.fire(f"after_{stage}", self)
+
+    def _setup_scheduler(self) -> None:
+        state = self.state
+        spec = self._scheduler_spec
+        scheduler = spec["scheduler"]
+        total_steps = state.steps_per_epoch * state.max_epochs if state.steps_per_epoch else None
+        if scheduler is not None and not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+            scheduler = _build_from_factory(scheduler, state.optimizer, total_steps)
+        state.scheduler = scheduler
+        state.scheduler_interval = spec["interval"] or (
+            "step" if isinstance(scheduler, _STEP_SCHEDULERS) else "epoch")
+        if isinstance(scheduler, OneCycleLR) and total_steps and scheduler.total_steps < total_steps:
+            raise ConfigError(
+                "scheduler", f"is OneCycleLR with total_steps={scheduler.total_steps}, but this run takes "
+                f"{total_steps} optimizer steps ({state.steps_per_epoch} per epoch x {state.max_epochs} epochs); "
+                "pass functools.partial(OneCycleLR, max_lr=...) and the trainer computes total_steps.")
+        self._plateau_monitor = spec["monitor"] or ("val_loss" if state.val_loader is not None else "train_loss")
+
+    def _step_scheduler_per_epoch(self) -> None:
+        state = self.state
+        if state.scheduler is None or state.scheduler_interval != "epoch":
+            return
+        if isinstance(state.scheduler, ReduceLROnPlateau):
+            value = state.epoch_logs.get(self._plateau_monitor)
+            if value is None:
+                if state.val_loader is not None and self._plateau_monitor.startswith("val_") and \
+                        not any(k.startswith("val_") for k in state.epoch_logs):
+                    return  # validation was skipped this epoch: nothing to feed the plateau scheduler
+                raise ConfigError("scheduler.monitor", f'is "{self._plateau_monitor}", which no loader produced; '
+                                  f"available: {sorted(k for k in state.epoch_logs if k != 'epoch')}.")
+            state.scheduler.step(value)
+        else:
+            state.scheduler.step()
+
+    def _precision(self):
+        if self.state.precision is None:
+            self.state.precision = build_precision(self.precision_name, self.device)
+        return self.state.precision
+
+
+# ---------------------------------------------------------------------- helpers (pure)
+def _check_args(model, optimizer, precision, accumulate, max_epochs, clip, nan_policy, log_every) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Trainer(model=...): expected a torch.nn.Module; received {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"Trainer(optimizer=...): expected a torch.optim.Optimizer; received {type(optimizer).__name__}.")
+    if str(precision) not in PRECISIONS:
+        raise ValueError(f'Trainer(precision="{precision}"): expected one of "32", "16-mixed", "bf16-mixed".')
+    for name, value in (("accumulate_grad_batches", accumulate), ("max_epochs", max_epochs),
+                        ("log_every_n_steps", log_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"Trainer({name}={value!r}): expected an integer >= 1.")
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"Trainer(gradient_clip_val={clip!r}): expected a positive number or None.")
+    if nan_policy not in ("raise", "skip"):
+        raise ValueError(f'Trainer(nan_policy="{nan_policy}"): expected "raise" or "skip".')
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f'Trainer(device="{device}"): expected "auto", "cpu", "cuda" or "cuda:N".') from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f'Trainer(device="{device}"): CUDA is not available on this machine; use "auto" or "cpu".')
+    return resolved
+
+
+def _parse_scheduler(scheduler: Any) -> dict[str, Any]:
+    spec = {"scheduler": scheduler, "interval": None, "monitor": None}
+    if isinstance(scheduler, Mapping):
+        unknown = set(scheduler) - set(spec)
+        if unknown or "scheduler" not in scheduler:
+            raise ValueError(f"Trainer(scheduler={{...}}): expected keys 'scheduler', 'interval', 'monitor'; "
+                             f"received {sorted(scheduler)}.")
+        spec.update(scheduler)
+    if spec["interval"] not in (None, "step", "epoch"):
+        raise ValueError(f'Trainer(scheduler={{"interval": "{spec["interval"]}"}}): expected "step" or "epoch".')
+    if spec["scheduler"] is not None and not callable(spec["scheduler"]) and \
+            not isinstance(spec["scheduler"], (LRScheduler, ReduceLROnPlateau)):
+        raise TypeError(f"Trainer(scheduler=...): expected an LR scheduler or a factory f(optimizer); "
+                        f"received {type(spec['scheduler']).__name__}.")
+    return spec
+
+
+def _build_from_factory(factory: Callable, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
+    """Call ``factory(optimizer)``, passing ``total_steps`` when the factory accepts it."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "total_steps" in params:
+        if total_steps is None:
+            raise ValueError("Trainer(scheduler=...): the factory needs total_steps, but the train loader has no len().")
+        return factory(optimizer, total_steps=total_steps)
+    return factory(optimizer)
+
+
+def _ordered_record(logs: dict[str, Any]) -> dict[str, Any]:
+    """epoch, lr, train_*, val_*, then the rest (times, forecasts): the column order of the CSV."""
+    rank = {"epoch": 0, "lr": 1}
+    return dict(sorted(logs.items(), key=lambda kv: rank.get(kv[0], 2 if kv[0].startswith("train_")
+                                                              else 3 if kv[0].startswith("val_") else 4)))
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _steps_per_epoch(loader: Iterable, accumulate: int) -> int | None:
+    length = _length(loader)
+    if length == 0:
+        raise ValueError("fit(train_loader=...): the loader is empty; expected at least one batch.")
+    return math.ceil(length / accumulate) if length is not None else None
+
+
+def _concat(outputs: list) -> Any:
+    if not outputs:
+        return outputs
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, dict):
+        return {k: _concat([o[k] for o in outputs]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([o[i] for o in outputs]) for i in range(len(first)))
+    return outputs
