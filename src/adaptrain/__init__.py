@@ -13,7 +13,7 @@ from adaptrain.events import (
 from adaptrain.history import History
 from adaptrain.losses import MultiLoss
 from adaptrain.metrics import MetricError
-from adaptrain.state import TrainState
+from adaptrain.state import TrainState, seed_everything
 from adaptrain.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -38,4 +38,5 @@ __all__ = [
     "ProgressBar",
     "TrainState",
     "Trainer",
+    "seed_everything",
 ]

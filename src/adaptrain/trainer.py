@@ -11,7 +11,7 @@ import torch
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from adaptrain import distributed
-from adaptrain.batch import batch_size_of, call_model, detach_cpu, split_batch, to_device
+from adaptrain.batch import batch_size_of, call_model, describe, detach_cpu, split_batch, to_device
 from adaptrain.callbacks.base import Callback, CallbackList
 from adaptrain.callbacks.progress import ProgressBar
 from adaptrain.errors import ConfigError, NonFiniteLossError
@@ -222,12 +222,8 @@ class Trainer:
 
     def _train_batch(self) -> None:
         state = self.state
-        inputs, targets = split_batch(state.batch, "train_loader")
-        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        inputs, targets, outputs, loss, parts = self._forward(state.batch, "train_loader")
         batch_size = self._last_batch_size = batch_size_of(inputs, targets)
-        with state.precision.autocast():
-            outputs = call_model(self._forward_model, inputs)
-            loss, parts = split_loss(self.criterion(outputs, targets))
         state.outputs, state.loss = outputs, loss
         if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
             state.skipped_batches += 1
@@ -242,6 +238,23 @@ class Trainer:
             self._optimizer_step()
         if state.batch_idx % self.log_every_n_steps == 0:
             self._refresh()
+
+    def _forward(self, batch: Any, loader_name: str) -> tuple[Any, Any, Any, torch.Tensor, dict]:
+        """Split and move the batch, run the model and the criterion; errors name the culprit."""
+        inputs, targets = split_batch(batch, loader_name)
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        with self.state.precision.autocast():
+            try:
+                outputs = call_model(self._forward_model, inputs)
+            except Exception as error:
+                _reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
+                                       f"{describe(inputs)} from {loader_name}")
+            try:
+                loss, parts = split_loss(self.criterion(outputs, targets))
+            except Exception as error:
+                _reraise_naming(error, f"the criterion ({_name(self.criterion)}) failed on outputs "
+                                       f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
+        return inputs, targets, outputs, loss, parts
 
     def _optimizer_step(self) -> None:
         state = self.state
@@ -310,12 +323,8 @@ class Trainer:
         self.val_metrics.reset()
         losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
         for batch in loader:
-            inputs, targets = split_batch(batch, loader_name)
-            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            inputs, targets, outputs, loss, parts = self._forward(batch, loader_name)
             batch_size = batch_size_of(inputs, targets)
-            with self.state.precision.autocast():
-                outputs = call_model(self._forward_model, inputs)
-                loss, parts = split_loss(self.criterion(outputs, targets))
             for name, value in {"loss": loss, **parts}.items():
                 losses.setdefault(name, WeightedMean()).update(value, batch_size)
             self.val_metrics.update(outputs, targets, batch_size)
@@ -326,8 +335,8 @@ class Trainer:
     # ------------------------------------------------------------------ events and scheduling
     def _with_events(self, stage: str, run: Callable[[], None]) -> None:
         """before_<stage>, the stage, after_cancel_<stage> if it was cancelled, after_<stage>."""
-        self.callbacks.fire(f"before_{stage}", self)
         try:
+            self.callbacks.fire(f"before_{stage}", self)  # a before_ hook may cancel the stage
             run()
         except CANCEL_EXCEPTIONS[stage]:
             self.callbacks.fire(f"after_cancel_{stage}", self)
@@ -434,6 +443,20 @@ def _build_from_factory(factory: Callable, optimizer: torch.optim.Optimizer, tot
             raise ValueError("Trainer(scheduler=...): the factory needs total_steps, but the train loader has no len().")
         return factory(optimizer, total_steps=total_steps)
     return factory(optimizer)
+
+
+def _reraise_naming(error: Exception, where: str) -> None:
+    """Raise the same kind of error with the place named. Subclasses (OOM, adaptrain's own errors)
+    pass unchanged, with a note, so handlers that catch them (an OOM back-off) still can."""
+    if type(error) in (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+        raise type(error)(f"{where}: {error}") from error
+    if hasattr(error, "add_note"):
+        error.add_note(where)
+    raise error
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__name__", type(obj).__name__)
 
 
 def _ordered_record(logs: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks: list[Callback] = []
-        self._by_event: dict[str, list[Callback]] = {}
+        self._by_event: dict[str, list[Callback]] = {event.value: [] for event in Event}
         for callback in callbacks:
             self.add(callback)
 

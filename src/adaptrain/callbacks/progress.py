@@ -87,7 +87,8 @@ class ProgressBar(Callback):
         summary = (f"epoch {record['epoch']}/{state.max_epochs}  {format_values(record)}  "
                    f"{record.get('epoch_time', 0):.1f}s  {record.get('samples_per_s', 0):.0f} samples/s")
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, values=format_values(record), speed="")
+            self._progress.update(self._task, values=format_values(record),
+                                  speed=f"{record.get('samples_per_s', 0):.0f} samples/s")
             self._progress.stop_task(self._task)
             self._task = None
         else:
