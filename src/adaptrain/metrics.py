@@ -8,10 +8,10 @@ epoch value is exact even when the last batch is smaller.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Mapping
 
 import torch
-import torchmetrics
 
 from adaptrain.batch import describe, select
 
@@ -59,7 +59,7 @@ class MetricSet:
                 self._add(str(name), metric, None, device)
 
     def _add(self, name: str, metric: Any, output_key: Any, device: torch.device) -> None:
-        if isinstance(metric, torchmetrics.Metric):
+        if _is_torchmetric(metric):
             metric = copy.deepcopy(metric).to(device)
             metric.reset()
         elif callable(metric):
@@ -75,7 +75,7 @@ class MetricSet:
         for name, metric, key in self.entries:
             preds, target = select(outputs, key), select(targets, key)
             try:
-                if isinstance(metric, torchmetrics.Metric):
+                if _is_torchmetric(metric):
                     metric.update(_detach(preds), _detach(target))
                 else:
                     self.means[name].update(torch.as_tensor(metric(_detach(preds), _detach(target))), batch_size)
@@ -89,7 +89,7 @@ class MetricSet:
         """Current values (a sync point); metrics with no update yet are left out."""
         values: dict[str, float] = {}
         for name, metric, _ in self.entries:
-            if isinstance(metric, torchmetrics.Metric):
+            if _is_torchmetric(metric):
                 if metric.update_count:
                     values[name] = float(metric.compute())
             else:
@@ -100,7 +100,13 @@ class MetricSet:
 
     def reset(self) -> None:
         for name, metric, _ in self.entries:
-            (metric if isinstance(metric, torchmetrics.Metric) else self.means[name]).reset()
+            (metric if _is_torchmetric(metric) else self.means[name]).reset()
+
+
+def _is_torchmetric(obj: Any) -> bool:
+    # torchmetrics takes over a second to import; a Metric object means the user imported it already.
+    torchmetrics = sys.modules.get("torchmetrics")
+    return torchmetrics is not None and isinstance(obj, torchmetrics.Metric)
 
 
 def _detach(obj: Any) -> Any:
