@@ -13,6 +13,8 @@ from adaptrain.events import (
 from adaptrain.history import History
 from adaptrain.losses import MultiLoss
 from adaptrain.metrics import MetricError
+from adaptrain.profiling import ModelProfile, profile
+from adaptrain.bench import BenchTable, run_bench
 from adaptrain.state import TrainState, seed_everything
 from adaptrain.trainer import Trainer
 
@@ -33,10 +35,14 @@ __all__ = [
     "History",
     "MetricError",
     "MissingExtraError",
+    "ModelProfile",
+    "BenchTable",
     "MultiLoss",
     "NonFiniteLossError",
     "ProgressBar",
     "TrainState",
     "Trainer",
     "seed_everything",
+    "profile",
+    "run_bench",
 ]

@@ -22,7 +22,7 @@ def precision_support(precision: str, device_type: str, capability: tuple[int, i
 
     Example:
         >>> precision_support("bf16-mixed", "cuda", (7, 5))
-        'bf16-mixed was requested but this GPU (compute capability 7.5) has no native bfloat16 support; use "16-mixed" or "32".'
+        'bf16-mixed was requested but this GPU (compute capability 7.5) has no native bfloat16 support (it needs >= 8.0, Ampere or newer); use "16-mixed" or "32".'
         >>> precision_support("bf16-mixed", "cpu") is None
         True
     """
@@ -34,7 +34,7 @@ def precision_support(precision: str, device_type: str, capability: tuple[int, i
         if precision == "bf16-mixed" and capability is not None and capability < (8, 0):
             return (
                 f"bf16-mixed was requested but this GPU (compute capability {capability[0]}.{capability[1]}) "
-                'has no native bfloat16 support; use "16-mixed" or "32".'
+                'has no native bfloat16 support (it needs >= 8.0, Ampere or newer); use "16-mixed" or "32".'
             )
         return None
     if device_type == "cpu":
