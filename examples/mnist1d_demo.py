@@ -19,7 +19,7 @@ from adaptrain.datasets import mnist1d
 from adaptrain.models import MNIST1DCNN
 
 
-def main(epochs: int = 100, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> float:
+def main(epochs: int = 50, lr: float = 0.02, batch_size: int = 64, seed: int = 0) -> float:
     run_dir = Path("runs") / "demo" / time.strftime("%Y%m%d-%H%M%S")
     data = mnist1d()  # 4,000 train / 1,000 test sequences, generated locally (no download)
     train_loader, val_loader, test_loader = data.loaders(batch_size=batch_size, seed=seed)

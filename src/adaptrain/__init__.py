@@ -10,7 +10,9 @@ from adaptrain.events import (
     CancelValidateException,
     Event,
 )
+from adaptrain.config import load_config
 from adaptrain.history import History
+from adaptrain.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger
 from adaptrain.losses import MultiLoss
 from adaptrain.metrics import MetricError
 from adaptrain.profiling import ModelProfile, profile
@@ -22,6 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchStructureError",
+    "CSVLogger",
+    "Logger",
+    "MLflowLogger",
+    "TensorBoardLogger",
+    "load_config",
     "Callback",
     "CallbackError",
     "CancelBatchException",

@@ -84,7 +84,8 @@ def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.1
     x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=y_rest)
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std < 1e-6] = 1.0  # pixels constant in train (always 0) stay 0 instead of exploding in val/test
 
     def tensors(features: np.ndarray, labels: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.tensor((features - mean) / std, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))

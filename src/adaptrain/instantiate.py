@@ -1,0 +1,239 @@
+"""Build objects named by import path: ``{class_path: ..., init_args: {...}}`` -> an instance.
+
+Every check runs before the object is called: the path must import, and ``init_args`` must fit
+``inspect.signature`` of the target (no unknown names, no missing required ones), so a typo is
+reported as ``model.init_args.hiden is not an argument of adaptrain.models.MLP; did you mean
+"hidden"?`` instead of a traceback from deep inside the constructor. Dicts inside ``init_args``
+that have a ``class_path`` are built the same way (e.g. the losses of a ``MultiLoss``).
+
+Example:
+    >>> instantiate({"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 1}}, "model")
+    Linear(in_features=2, out_features=1, bias=True)
+    >>> instantiate({"class_path": "torch.nn.Linear", "init_args": {"in_feature": 2}}, "model")
+    Traceback (most recent call last):
+    ...
+    adaptrain.errors.ConfigError: model.init_args.in_feature is not an argument of torch.nn.Linear; did you mean "in_features"? Expected: in_features, out_features, bias, device, dtype.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from adaptrain.errors import ConfigError
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def import_object(path: str, key: str) -> Any:
+    """``"package.module.Name"`` (or ``package.module.Outer.Inner``) -> the object it names."""
+    parts = path.split(".")
+    if len(parts) < 2 or not all(part.isidentifier() for part in parts):
+        raise ConfigError(key, f'is "{path}"; expected a dotted import path like package.module.Class.')
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
+                continue  # this prefix is not a module: try a shorter one
+            raise ConfigError(key, f'is "{path}"; importing {module_name} failed: {error}.') from error
+        except Exception as error:  # noqa: BLE001 - the user's module raised while importing
+            raise ConfigError(key, f'is "{path}"; importing {module_name} raised {type(error).__name__}: {error}') from error
+        for depth, attr in enumerate(parts[split:]):
+            if not hasattr(obj, attr):
+                owner = ".".join(parts[:split + depth])
+                close = difflib.get_close_matches(attr, [n for n in dir(obj) if not n.startswith("_")], n=1)
+                hint = f'; did you mean "{owner}.{close[0]}"?' if close else "."
+                raise ConfigError(key, f'is "{path}", but {owner} has no attribute "{attr}"{hint}')
+            obj = getattr(obj, attr)
+        return obj
+    raise ConfigError(key, f'is "{path}"; there is no module named "{parts[0]}" (is the package installed, '
+                      "or its folder the current directory?).")
+
+
+def check_init_args(target: Any, kwargs: Mapping[str, Any], key: str, path: str,
+                    injected: int = 0, args_key: str | None = None) -> None:
+    """Raise unless ``target(<injected positional args>, **kwargs)`` matches its signature.
+
+    ``injected`` counts leading positional parameters adaptrain fills in itself (an optimizer's
+    parameters, a scheduler's optimizer). Errors name ``<args_key>.<argument>`` (default
+    ``<key>.init_args``). Targets without a readable signature are not checked.
+    """
+    args_key = args_key or f"{key}.init_args"
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    params = list(signature.parameters.values())[injected:]
+    named = [p.name for p in params if p.kind in _NAMED]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        for name in kwargs:
+            if name not in named:
+                close = difflib.get_close_matches(name, named, n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else "."
+                raise ConfigError(f"{args_key}.{name}", f"is not an argument of {path}{hint} "
+                                  f"Expected: {', '.join(named) or '(no arguments)'}.")
+    missing = [p.name for p in params if p.kind in _NAMED and p.default is p.empty and p.name not in kwargs]
+    if missing:
+        raise ConfigError(args_key, f"misses {', '.join(missing)}: required by {path}{signature}.")
+    _check_types(target, kwargs, args_key, path)
+
+
+_PLAIN = (bool, int, float, str)
+
+
+def _check_types(target: Any, kwargs: Mapping[str, Any], args_key: str, path: str) -> None:
+    """Arguments annotated with a plain type (bool, int, float, str, or Optional of them) must match.
+
+    Anything richer (tensors, unions with classes, unresolvable string annotations) is left to
+    the constructor: this catches ``plot: maybe`` for a bool, not every possible mistake.
+    """
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - annotations that do not evaluate: nothing to check against
+        return
+    for name, value in kwargs.items():
+        hint = hints.get(name)
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(t for t in options if t is not type(None))
+        if not allowed or not all(t in _PLAIN for t in allowed):
+            continue
+        if value is None and len(allowed) < len(options):
+            continue  # Optional[...] = None
+        ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+        ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            wanted = " or ".join(t.__name__ for t in allowed) + (" or null" if len(allowed) < len(options) else "")
+            shown = f'"{value}"' if isinstance(value, str) else "null" if value is None else repr(value)
+            raise ConfigError(f"{args_key}.{name}", f"is {shown}; {path} expects {wanted}.")
+
+
+def call(target: Callable, key: str, path: str, *args: Any, **kwargs: Any) -> Any:
+    """``target(*args, **kwargs)``; an exception becomes a ConfigError naming the key."""
+    try:
+        return target(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever the user's constructor raised
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(key, f"could not be built: {path}(...) raised {type(error).__name__}: {message}") from error
+
+
+def instantiate(spec: Mapping[str, Any], key: str, *injected: Any, args_key: str | None = None) -> Any:
+    """Import ``spec["class_path"]``, check ``init_args`` and call it with ``injected`` first."""
+    target, kwargs = resolve(spec, key, injected=len(injected), args_key=args_key)
+    return call(target, key, spec["class_path"], *injected, **kwargs)
+
+
+def resolve(spec: Mapping[str, Any], key: str, injected: int = 0,
+            args_key: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The target and its checked (nested objects built) keyword arguments, without calling it."""
+    target = import_object(spec["class_path"], f"{key}.class_path")
+    if not callable(target):
+        raise ConfigError(f"{key}.class_path", f'is "{spec["class_path"]}", a {type(target).__name__}; '
+                          "expected a class or a function to call.")
+    args_key = args_key or f"{key}.init_args"
+    init_args = spec.get("init_args") or {}
+    kwargs = {name: build_nested(value, f"{args_key}.{name}") for name, value in init_args.items()}
+    check_init_args(target, kwargs, key, spec["class_path"], injected, args_key)
+    return target, kwargs
+
+
+def build_nested(value: Any, key: str) -> Any:
+    """Build specs found inside an argument value (mappings with a class_path), recursively."""
+    if isinstance(value, Mapping):
+        if "class_path" in value:
+            unknown = set(value) - {"class_path", "init_args"}
+            if unknown:
+                raise ConfigError(f"{key}.{sorted(unknown)[0]}", "is not a known key; expected class_path, init_args.")
+            return instantiate(value, key)
+        return {k: build_nested(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [build_nested(v, f"{key}.{i}") for i, v in enumerate(value)]
+    return value
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class Loaders:
+    """The loaders a data factory produced (any may be None)."""
+
+    train: Any = None
+    val: Any = None
+    test: Any = None
+    predict: Any = None
+
+
+_LOADER_OPTIONS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory")
+
+
+def build_loaders(spec: Mapping[str, Any], seed: int | None = None, key: str = "data") -> Loaders:
+    """Call the data factory and turn what it returns into :class:`Loaders`.
+
+    The factory (``class_path``) may return: an object with ``loaders(batch_size=..., ...)``
+    (:class:`adaptrain.datasets.Splits`); an object with ``train_dataloader()`` (a Lightning-style
+    DataModule); a tuple ``(train, val[, test])``; a dict with keys train/val/test/predict; or a
+    single train loader. Any ``torch.utils.data.Dataset`` among them is wrapped in a DataLoader
+    using ``batch_size`` (default 64), ``num_workers`` and ``pin_memory``; the train one shuffles
+    with a generator seeded by ``seed``.
+    """
+    result = instantiate(spec, key)
+    options = {name: spec.get(name) for name in _LOADER_OPTIONS if spec.get(name) is not None}
+    used = False
+    if callable(getattr(result, "loaders", None)):
+        accepted = inspect.signature(result.loaders).parameters
+        kwargs = {"batch_size": 64, **{k: v for k, v in options.items() if k in accepted}}
+        if seed is not None and "seed" in accepted:
+            kwargs["seed"] = seed
+        result, used = call(result.loaders, key, f"{spec['class_path']}(...).loaders", **kwargs), True
+    elif callable(getattr(result, "train_dataloader", None)):
+        if callable(getattr(result, "setup", None)):
+            result.setup("fit")
+        result = {name: getattr(result, f"{name}_dataloader")() for name in ("train", "val", "test", "predict")
+                  if callable(getattr(result, f"{name}_dataloader", None))}
+    if isinstance(result, Mapping):
+        unknown = set(result) - set(Loaders.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{key}.class_path", f"returned a dict with keys {sorted(map(str, unknown))}; "
+                              "expected keys among train, val, test, predict.")
+        parts = dict(result)
+    elif isinstance(result, (tuple, list)) and 1 <= len(result) <= 3 and \
+            all(part is None or _is_loader(part) for part in result):
+        parts = dict(zip(("train", "val", "test"), result))
+    elif isinstance(result, (Dataset, DataLoader)) or hasattr(result, "__iter__"):
+        parts = {"train": result}
+    else:
+        raise ConfigError(f"{key}.class_path", f"returned {type(result).__name__}; expected Splits, "
+                          "(train, val[, test]) loaders or data sets, or a dict of them.")
+    for name, part in parts.items():
+        if isinstance(part, Dataset):
+            train = name == "train" and not isinstance(part, IterableDataset)
+            size = options.get("batch_size", 64) if name == "train" else options.get(
+                "eval_batch_size", options.get("batch_size", 64))
+            generator = _generator(seed) if train else None
+            parts[name] = DataLoader(part, batch_size=size, shuffle=train, generator=generator,
+                                     num_workers=options.get("num_workers", 0),
+                                     pin_memory=options.get("pin_memory", False))
+            used = True
+    if options and not used:
+        name = next(iter(options))
+        raise ConfigError(f"{key}.{name}", f"is set, but {spec['class_path']} returns loaders that already have "
+                          f"their own; pass it in {key}.init_args instead (or remove it).")
+    return Loaders(**parts)
+
+
+def _is_loader(obj: Any) -> bool:
+    """A data set or an iterable of batches (not itself a batch: a tensor, tuple, list or dict)."""
+    return isinstance(obj, Dataset) or (hasattr(obj, "__iter__") and
+                                        not isinstance(obj, (torch.Tensor, tuple, list, Mapping, str)))
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return torch.Generator().manual_seed(seed) if seed is not None else None

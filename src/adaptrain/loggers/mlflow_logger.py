@@ -1,0 +1,194 @@
+"""MLflowLogger: params, per-step and per-epoch metrics, system metrics and artifacts to MLflow.
+
+``mlflow`` is imported only when a logger is created (it is slow to import and an optional extra:
+``pip install 'adaptrain[mlflow]'``). The client API is used throughout (never ``mlflow.start_run``),
+so the logger does not touch MLflow's global active run, which the user's own code may use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from adaptrain.errors import MissingExtraError
+from adaptrain.loggers.base import Logger, RunInfo, best_checkpoint
+
+if TYPE_CHECKING:
+    from adaptrain.trainer import Trainer
+
+_MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+_MAX_KEY = 250
+_BATCH = 100  # params per log_batch request (MLflow's limit)
+_NOISY = ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic")
+
+
+def _require_mlflow() -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as error:
+        raise MissingExtraError("mlflow", "mlflow", "MLflowLogger") from error
+
+
+class MLflowLogger(Logger):
+    """Records the run in MLflow: params (the flattened resolved config), ``train_*_step`` metrics
+    at every refresh point, the epoch's history record per epoch, system metrics (CPU, memory,
+    disk, network, GPU; needs ``psutil``, skipped with a warning without it), and at the end the
+    run folder's config, history, plot and log, plus the best checkpoint under ``checkpoints/``.
+
+    An observer: changes nothing. Rank zero only.
+
+    Args:
+        tracking_uri: where runs go. Default: ``$MLFLOW_TRACKING_URI``, else a local store in the
+            run root, ``sqlite:///<root_dir>/mlflow.db`` (browse it with
+            ``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``).
+        experiment: MLflow experiment name; default the config's ``experiment``.
+        run_name: default the run folder's name.
+        artifact_location: for a new experiment; default ``<db folder>/mlartifacts`` for a local
+            sqlite store (never the current directory), the server's default otherwise.
+        tags: extra run tags.
+        log_system_metrics: sample system metrics every ``system_metrics_interval`` seconds.
+        log_artifacts: upload the run folder's files and the best checkpoint at the end.
+        flush_every_s: per-step metrics are buffered and sent at most this often (and at every
+            epoch end), so logging costs one request per interval, not per step.
+
+    Example:
+        >>> logger = MLflowLogger(tracking_uri="sqlite:///runs/mlflow.db")  # doctest: +SKIP
+        >>> Trainer(model, optimizer, criterion, callbacks=[logger]).fit(train_loader)  # doctest: +SKIP
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None,
+                 run_name: str | None = None, artifact_location: str | None = None,
+                 tags: Mapping[str, str] | None = None, log_system_metrics: bool = True,
+                 system_metrics_interval: float = 10.0, log_artifacts: bool = True,
+                 flush_every_s: float = 5.0) -> None:
+        super().__init__()
+        _require_mlflow()
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.artifact_location = artifact_location
+        self.tags = dict(tags or {})
+        self.log_system_metrics = log_system_metrics
+        self.system_metrics_interval = system_metrics_interval
+        self.log_artifacts = log_artifacts
+        self.flush_every_s = flush_every_s
+        self.client: Any = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._buffer: list[Any] = []
+        self._last_flush = 0.0
+        self._monitor: Any = None
+
+    def resolved_tracking_uri(self, run: RunInfo) -> str:
+        """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root_dir>/mlflow.db``."""
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        root = Path(run.root_dir).resolve()
+        return f"sqlite:///{root / 'mlflow.db'}"
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self, trainer: "Trainer") -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        run = self.run or RunInfo()
+        for name in _NOISY:  # table creation and monitor start-up log at INFO on every run
+            logging.getLogger(name).setLevel(logging.WARNING)
+        uri = self.resolved_tracking_uri(run)
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(uri)
+        self.experiment_id = self._experiment_id(self.experiment or run.experiment, uri)
+        tags = {"adaptrain.verb": run.verb, **self.tags}
+        if run.run_dir is not None:
+            tags["adaptrain.run_dir"] = str(run.run_dir.path.resolve())
+        created = self.client.create_run(self.experiment_id, run_name=self.run_name or run.run_name, tags=tags)
+        self.run_id = created.info.run_id
+        params = [Param(key[:_MAX_KEY], _param_value(value)) for key, value in run.params.items()]
+        for start in range(0, len(params), _BATCH):
+            self.client.log_batch(self.run_id, params=params[start:start + _BATCH])
+        self._last_flush = time.monotonic()
+        self._monitor = self._start_system_metrics(uri) if self.log_system_metrics else None
+
+    def _experiment_id(self, name: str, uri: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            location = self.artifact_location
+            if location is None and uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException:  # another process created it in between
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def _start_system_metrics(self, uri: str) -> Any:
+        try:
+            import psutil  # noqa: F401 - MLflow's monitor needs it; fail here with a clear reason
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_interval,
+                                           tracking_uri=uri)
+            monitor.start()
+            return monitor
+        except Exception as error:  # noqa: BLE001 - system metrics are a bonus, never a failure
+            warnings.warn(f"MLflowLogger: system metrics are off ({type(error).__name__}: {error}); "
+                          "they need psutil (pip install psutil).", RuntimeWarning, stacklevel=2)
+            return None
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(key[:_MAX_KEY], value, now, step) for key, value in metrics.items())
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self._flush()
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        super().after_epoch(trainer)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer and self.run_id is not None:
+            for start in range(0, len(self._buffer), 1000):  # MLflow's limit per request
+                self.client.log_batch(self.run_id, metrics=self._buffer[start:start + 1000])
+        self._buffer = []
+        self._last_flush = time.monotonic()
+
+    def _finish(self, status: str) -> None:
+        try:
+            self._flush()
+            if self.log_artifacts:
+                self._upload()
+        finally:
+            if self._monitor is not None:
+                self._monitor.finish()  # before set_terminated: it stops on a terminated run
+                self._monitor = None
+            self.client.set_terminated(self.run_id, status)
+
+    def _upload(self) -> None:
+        run = self.run
+        if run is not None and run.run_dir is not None:
+            for path in run.run_dir.artifacts():
+                self.client.log_artifact(self.run_id, str(path))
+        checkpoint = best_checkpoint(self.trainer) if self.trainer is not None else None
+        if checkpoint is not None:
+            self.client.log_artifact(self.run_id, str(checkpoint), artifact_path="checkpoints")
+
+
+def _param_value(value: Any) -> str:
+    """Strings as they are, everything else as JSON (null, true, 0.001, [64, 32])."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= _MAX_PARAM_VALUE else text[:_MAX_PARAM_VALUE - 3] + "..."

@@ -1,0 +1,140 @@
+"""The run folder: one directory per run, ``<root_dir>/<experiment>/<run_name>/``, and what goes in it.
+
+Layout (every path is a property of :class:`RunDir`, so writers and readers agree on names)::
+
+    runs/<experiment>/<run_name>/
+        config.yaml       the resolved config: `adaptrain fit --config` on it reproduces the run
+        history.csv       one row per epoch (History.to_csv), rewritten after every epoch
+        history.json      the same records as JSON
+        history.png       loss / metric / lr curves (History.plot), written at the end
+        train.log         start info, one line per epoch (as the progress bar prints), end info
+        checkpoints/      written by ModelCheckpoint through ``trainer.run_dir``
+        tensorboard/      event files, when the TensorBoard logger is on
+        resources.json    reserved for the resource-monitor report (a later issue)
+        <verb>.json       results of ``validate`` / ``test``; predictions.pt for ``predict``
+
+Example:
+    >>> import tempfile
+    >>> run = create_run_dir(tempfile.mkdtemp(), "mnist1d", "baseline")
+    >>> run.name, run.config.name
+    ('baseline', 'config.yaml')
+    >>> create_run_dir(run.root, "mnist1d", "baseline").name  # taken: a suffix keeps runs apart
+    'baseline-2'
+    >>> create_run_dir(run.root, "mnist1d", "baseline", verb="test").name
+    'baseline-test'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run's folder (the folder itself exists once :func:`create_run_dir` returned)."""
+
+    root: Path
+    experiment: str
+    name: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.experiment / self.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def history_csv(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def history_json(self) -> Path:
+        return self.path / "history.json"
+
+    @property
+    def plot(self) -> Path:
+        return self.path / "history.png"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def resources(self) -> Path:
+        # The resource monitor (CPU/GPU/memory, a later issue) writes its report here; loggers
+        # already upload it as an artifact when it exists.
+        return self.path / "resources.json"
+
+    def results(self, verb: str) -> Path:
+        """Where ``validate`` / ``test`` write their metrics."""
+        return self.path / f"{verb}.json"
+
+    def artifacts(self) -> list[Path]:
+        """The files of this run worth uploading to a tracking server, those that exist."""
+        candidates = [self.config, self.history_csv, self.history_json, self.plot, self.log, self.resources,
+                      self.results("validate"), self.results("test")]
+        return [path for path in candidates if path.is_file()]
+
+
+def default_run_name(now: datetime | None = None) -> str:
+    """A timestamp that sorts in time order, e.g. ``20261125-155622``."""
+    return (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def check_name(name: str) -> str | None:
+    """Why ``name`` cannot be a folder name of the run layout, or None when it can.
+
+    Example:
+        >>> check_name("lr=0.1"), check_name("../x")
+        (None, 'contains characters other than letters, digits and ._=+-, or starts with one of ._=+-')
+    """
+    if not _SAFE_NAME.match(name):
+        return "contains characters other than letters, digits and ._=+-, or starts with one of ._=+-"
+    return None
+
+
+def create_run_dir(root: str | Path, experiment: str, run_name: str | None = None, verb: str = "fit") -> RunDir:
+    """Create and return a new run folder; a taken name gets ``-2``, ``-3``, ... appended.
+
+    For ``validate`` / ``test`` / ``predict`` a taken name (the fit run whose saved config is being
+    evaluated) becomes ``<name>-<verb>`` first. ``mkdir(exist_ok=False)`` is the claim, so two runs
+    started in the same second (or two processes) never share a folder.
+    """
+    root = Path(root)
+    base = run_name or default_run_name()
+    (root / experiment).mkdir(parents=True, exist_ok=True)
+    for name in _candidates(base, verb):
+        run = RunDir(root, experiment, name)
+        try:
+            run.path.mkdir()
+        except FileExistsError:
+            continue
+        return run
+    raise FileExistsError(f"{root / experiment}: no free run name starting with {base!r}.")
+
+
+def _candidates(base: str, verb: str) -> Iterator[str]:
+    """``base``, then (not fitting) ``base-<verb>``, then the last with ``-2``, ``-3``, ... (9,999 tries)."""
+    yield base
+    stem = base
+    if verb != "fit":
+        stem = f"{base}-{verb}"
+        yield stem
+    for number in range(2, 10_000):
+        yield f"{stem}-{number}"
