@@ -1,6 +1,6 @@
 """adaptrain: a PyTorch training engine that tunes itself to the hardware it runs on."""
 
-from adaptrain.callbacks import Callback, CallbackError, EarlyStopping, ProgressBar
+from adaptrain.callbacks import Callback, CallbackError, EarlyStopping, ForecastCallback, ProgressBar
 from adaptrain.errors import BatchStructureError, ConfigError, MissingExtraError, NonFiniteLossError
 from adaptrain.events import (
     CancelBatchException,
@@ -10,7 +10,11 @@ from adaptrain.events import (
     CancelValidateException,
     Event,
 )
+from adaptrain.callbacks.checkpointing import ModelCheckpoint
+from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
+from adaptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, save_weights
 from adaptrain.config import load_config
+from adaptrain.forecasting import Forecast, ForecastError, forecast
 from adaptrain.history import History
 from adaptrain.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger
 from adaptrain.losses import MultiLoss
@@ -31,6 +35,7 @@ __all__ = [
     "load_config",
     "Callback",
     "CallbackError",
+    "CheckpointError",
     "CancelBatchException",
     "CancelEpochException",
     "CancelFitException",
@@ -38,18 +43,29 @@ __all__ = [
     "CancelValidateException",
     "ConfigError",
     "EarlyStopping",
+    "Forecast",
+    "ForecastCallback",
+    "ForecastError",
     "Event",
     "History",
     "MetricError",
+    "ModelCheckpoint",
     "MissingExtraError",
     "ModelProfile",
     "BenchTable",
     "MultiLoss",
     "NonFiniteLossError",
     "ProgressBar",
+    "SignalHandler",
     "TrainState",
+    "TrainingInterrupted",
     "Trainer",
     "seed_everything",
+    "forecast",
+    "load_checkpoint",
+    "load_weights",
     "profile",
     "run_bench",
+    "save_checkpoint",
+    "save_weights",
 ]

@@ -172,7 +172,7 @@ def _profile(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 0
-    profile = _optional(("adaptrain.profiling", "adaptrain.profile"), "profile", "profile")
+    profile = _optional(("adaptrain.profiling",), "profile", "profile")
     built = build(config, "profile")
     inputs, _ = split_batch(next(iter(built.loaders.train)), "train_loader")
     result = profile(built.trainer.model, example_inputs=inputs, device=built.trainer.device,
@@ -212,8 +212,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _forecast(args: argparse.Namespace) -> int:
-    forecast_history_file = _optional(("adaptrain.forecast",), "forecast_history_file", "forecast")
-    from adaptrain.forecast import ForecastError
+    forecast_history_file = _optional(("adaptrain.forecasting",), "forecast_history_file", "forecast")
+    from adaptrain.forecasting import ForecastError
 
     path = Path(args.history)
     path = path / "history.csv" if path.is_dir() else path

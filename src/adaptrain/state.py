@@ -16,8 +16,10 @@ from adaptrain.history import History
 from adaptrain.precision import Precision
 
 #: What a checkpoint contains, and nothing else: model, optimizer, scheduler, grad scaler,
-#: counters, history, RNG states and every stateful callback's state.
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "precision", "counters", "history", "rng", "callbacks")
+#: counters, history, RNG states, every stateful callback's state, the running epoch's loss and
+#: metric sums (mid-epoch checkpoints) and meta (format version, class names, settings).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "precision", "counters", "history", "rng", "callbacks",
+                   "progress", "meta")
 
 
 @dataclass

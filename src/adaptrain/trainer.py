@@ -20,6 +20,7 @@ from adaptrain.history import History
 from adaptrain.losses import as_criterion, split_loss
 from adaptrain.metrics import MetricSet, WeightedMean
 from adaptrain.precision import PRECISIONS, build_precision
+from adaptrain.resume import load_epoch_progress, loader_rng_state, set_loader_rng_state
 from adaptrain.state import TrainState, rng_state, seed_everything, set_rng_state
 
 _STEP_SCHEDULERS = (OneCycleLR, CyclicLR)
@@ -108,6 +109,7 @@ class Trainer:
             callbacks.append(ProgressBar())
         self.callbacks = CallbackList(callbacks)
         self.is_global_zero = distributed.is_global_zero()
+        self._resume_progress: dict[str, Any] | None = None  # a mid-epoch checkpoint's loss/metric sums
 
     # ------------------------------------------------------------------ public API
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
@@ -194,7 +196,8 @@ class Trainer:
         skip = state.batch_idx
         if skip:  # resuming mid-epoch: replay the sampler's order, then skip what was already trained
             set_rng_state(state.epoch_start_rng)
-        state.epoch_start_rng = rng_state()
+            set_loader_rng_state(state.train_loader, state.epoch_start_rng.get("loader"))
+        state.epoch_start_rng = {**rng_state(), "loader": loader_rng_state(state.train_loader)}  # + own generator
         epoch_start = time.perf_counter()
         samples = 0
         batches = iter(state.train_loader)
@@ -203,6 +206,9 @@ class Trainer:
         if skip and state.resume_rng is not None:
             set_rng_state(state.resume_rng)
             state.resume_rng = None
+        if skip and self._resume_progress is not None:  # the half-done epoch's loss/metric sums
+            load_epoch_progress(self, self._resume_progress)
+        self._resume_progress = None
         fetch_start = time.perf_counter()
         for batch in batches:
             compute_start = time.perf_counter()

@@ -1,5 +1,6 @@
 from adaptrain.callbacks.base import Callback, CallbackError
 from adaptrain.callbacks.early_stopping import EarlyStopping
+from adaptrain.callbacks.forecast import ForecastCallback
 from adaptrain.callbacks.progress import ProgressBar
 
-__all__ = ["Callback", "CallbackError", "EarlyStopping", "ProgressBar"]
+__all__ = ["Callback", "CallbackError", "EarlyStopping", "ForecastCallback", "ProgressBar"]
