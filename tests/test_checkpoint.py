@@ -154,7 +154,7 @@ def test_contents_are_what_a_resume_needs(saved):
     assert set(ckpt) == {"meta", "model", "optimizer", "scheduler", "precision", "counters", "history", "rng",
                          "callbacks", "progress"}
     assert ckpt["counters"] == {"epoch": 1, "global_step": 3, "batch_idx": 0, "skipped_steps": 0,
-                                "skipped_batches": 0}
+                                "skipped_batches": 0, "step_lr": pytest.approx(0.01)}
     assert [r["epoch"] for r in ckpt["history"]["records"]] == [1]
     assert set(ckpt["rng"]["now"]) >= {"python", "numpy", "torch", "loader"}
     assert ckpt["rng"]["now"]["loader"][0].dtype == torch.uint8  # the shuffling generator's state

@@ -77,6 +77,7 @@ def test_onecycle_factory_gets_total_steps_from_loader_epochs_and_accumulation()
     scheduler = trainer.state.scheduler
     assert scheduler.total_steps == 12 and trainer.state.global_step == 12
     assert scheduler.last_epoch == 12  # stepped once per optimizer step, never past the end
+    assert trainer.state.history["lr"][-1] < 0.5 * 1e-3  # the lr of the last step: the annealed end
 
 
 def test_onecycle_instance_too_short_fails_before_training():

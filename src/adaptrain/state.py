@@ -43,6 +43,7 @@ class TrainState:
     stop_reason: str | None = None
     skipped_steps: int = 0  # optimizer steps skipped by the grad scaler (inf/NaN gradients)
     skipped_batches: int = 0  # batches with a non-finite loss, under nan_policy="skip"
+    step_lr: float | None = None  # the lr of the last optimizer step (per-step schedulers move past it)
     data_time: float = 0.0  # seconds this epoch spent waiting for the train loader
     compute_time: float = 0.0  # seconds this epoch spent in forward/backward/step
     train_loader: Any = None
@@ -58,18 +59,19 @@ class TrainState:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
             "batch_idx": self.batch_idx,
             "skipped_steps": self.skipped_steps,
             "skipped_batches": self.skipped_batches,
+            "step_lr": self.step_lr,
         }
 
-    def load_counters(self, counters: dict[str, int]) -> None:
+    def load_counters(self, counters: dict[str, Any]) -> None:
         for key, value in counters.items():
-            setattr(self, key, int(value))
+            setattr(self, key, value if key == "step_lr" else int(value))
 
 
 def rng_state() -> dict[str, Any]:

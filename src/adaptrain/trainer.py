@@ -178,7 +178,8 @@ class Trainer:
         self._with_events("train", self._train_epoch)
         if state.val_loader is not None:
             self._with_events("validate", self._validate_epoch)
-        state.epoch_logs["lr"] = state.lr  # the lr of the epoch's last optimizer step
+        # The lr the epoch's last optimizer step used (a per-step scheduler has already moved past it).
+        state.epoch_logs["lr"] = state.step_lr if state.step_lr is not None else state.lr
         self._step_scheduler_per_epoch()
         state.epoch += 1
         state.batch_idx = 0
@@ -275,6 +276,7 @@ class Trainer:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
         self.callbacks.fire(Event.BEFORE_STEP.value, self)
+        state.step_lr = optimizer.param_groups[0]["lr"]
         stepped = state.precision.step(optimizer)
         if not stepped:
             state.skipped_steps += 1  # the scheduler must not advance past a step that did not happen
