@@ -79,7 +79,7 @@ def load_epoch_progress(trainer: "Trainer", progress: dict[str, Any]) -> None:
 
     def mean(saved: dict[str, Any]) -> WeightedMean:
         restored = WeightedMean()
-        restored.total, restored.count = _to(saved["total"], trainer.device), int(saved["count"])
+        restored.load_state_dict(saved, trainer.device)
         return restored
 
     trainer._losses = {name: mean(saved) for name, saved in progress["losses"].items()}
@@ -97,7 +97,7 @@ def load_epoch_progress(trainer: "Trainer", progress: dict[str, Any]) -> None:
 
 
 def _mean_state(mean: Any) -> dict[str, Any]:
-    return {"total": mean.total, "count": mean.count}
+    return mean.state_dict()
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -191,7 +191,6 @@ class Trainer:
         self.train_metrics.reset()
         self._losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
         self._window_samples = 0
-        self._first_bad = None
         self._num_batches = _length(state.train_loader)
         state.data_time = state.compute_time = 0.0
         skip = state.batch_idx
@@ -289,27 +288,18 @@ class Trainer:
 
     def _track(self, loss: torch.Tensor, parts: dict, outputs: Any, targets: Any, batch_size: int) -> None:
         """Accumulate loss, parts and metrics on the device; remember where a loss first went NaN/Inf."""
-        self._losses["loss"].update(loss, batch_size)
+        self._losses["loss"].update(loss, batch_size, tag=self.state.batch_idx)
         for name, part in parts.items():
             self._losses.setdefault(name, WeightedMean()).update(part, batch_size)
         self.train_metrics.update(outputs, targets, batch_size)
-        if self.nan_policy == "raise":
-            bad = ~torch.isfinite(loss.detach())
-            if self._first_bad is None:
-                self._first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-                self._batch_counter = torch.zeros((), device=self.device, dtype=torch.long)
-            self._batch_counter += 1
-            self._first_bad = torch.where((self._first_bad < 0) & bad, self._batch_counter, self._first_bad)
 
     def _refresh(self) -> None:
         """Read running loss and metrics from the device: a host-device sync, so only every N steps."""
         state = self.state
-        if self._first_bad is not None:
-            first_bad = int(self._first_bad)
-            if first_bad > 0:
-                batch_idx = first_bad + (state.batch_idx - int(self._batch_counter))
-                step = state.global_step - (state.batch_idx - batch_idx) // state.accumulate_grad_batches
-                raise NonFiniteLossError(state.epoch + 1, step, batch_idx)
+        bad_batch = self._losses["loss"].flush(find_nonfinite=self.nan_policy == "raise")
+        if bad_batch is not None:
+            step = state.global_step - (state.batch_idx - bad_batch) // state.accumulate_grad_batches
+            raise NonFiniteLossError(state.epoch + 1, step, bad_batch)
         running = {name: mean.compute() for name, mean in self._losses.items()}
         running = {k: v for k, v in running.items() if v is not None}
         running.update(self.train_metrics.compute())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -39,8 +40,10 @@ class ProgressBar(Callback):
 
     order = 100  # after every other callback, so summaries include what they added
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, min_interval_s: float = 0.1) -> None:
         self.console = console or Console()
+        self.min_interval_s = min_interval_s
+        self._last_update = 0.0
         self._progress: Progress | None = None
         self._task: Any = None
 
@@ -72,12 +75,17 @@ class ProgressBar(Callback):
         if self._progress is None or self._task is None:
             return
         state = trainer.state
-        fields = {}
+        now = time.perf_counter()
         if state.batch_idx % trainer.log_every_n_steps == 0:
             elapsed = state.data_time + state.compute_time
             speed = f"{state.batch_idx / elapsed:.1f} it/s" if elapsed else ""
-            fields = {"values": format_values({"lr": state.lr, **state.running}), "speed": speed}
-        self._progress.update(self._task, completed=state.batch_idx, **fields)
+            values = format_values({"lr": state.lr, **state.running})
+            self._progress.update(self._task, completed=state.batch_idx, values=values, speed=speed)
+        elif now - self._last_update > self.min_interval_s:  # rich redraws at 10 Hz: more updates are wasted
+            self._progress.update(self._task, completed=state.batch_idx)
+        else:
+            return
+        self._last_update = now
 
     def after_epoch(self, trainer: "Trainer") -> None:
         if not trainer.is_global_zero:
