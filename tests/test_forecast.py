@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -210,3 +211,15 @@ def test_forecast_history_file(tmp_path):
     assert forecast_history_file(path, "val_loss", at=50).mode == "min"  # inferred from the name
     with pytest.raises(ForecastError, match=r"no column 'val_ac'; columns: epoch, lr, train_loss"):
         forecast_history_file(path, "val_ac", at=50)
+
+
+def test_ensemble_value_lies_among_the_clipped_family_predictions():
+    # log-linear growth runs far past 1 by epoch 100; averaged unclipped, it would drag the value to ~1.
+    epochs = list(range(1, 21))
+    rng = np.random.default_rng(0)
+    values = [min(0.97, 0.3 + 0.2 * math.log(e)) + rng.normal(0, 0.01) for e in epochs]
+    fc = forecast(epochs, values, at=100, limits=(0, 1))
+    predictions = [f.prediction for f in fc.families.values() if f.weight > 0]
+    assert min(predictions) - 1e-9 <= fc.value <= max(predictions) + 1e-9
+    expected = sum(f.weight * f.prediction for f in fc.families.values())
+    assert fc.value == pytest.approx(expected, rel=1e-6)

@@ -283,7 +283,10 @@ def forecast(epochs: Sequence[float], values: Sequence[float], at: float = 50, m
         raise ForecastError(f"at epoch {at:g} the {level:.0%} interval [{lo_y[i_at]:.4g}, {hi_y[i_at]:.4g}] spans over "
                             f"3x the observed range of {metric} (families: {preds}); forecast a nearer epoch or "
                             f"wait for more points.")
-    curves = {"x": grid + x[start] - 1.0, "value": to_y(value_z), "low": lo_y, "high": hi_y}
+    # Average the families after clipping each to the limits: an unbounded family (log-linear) far
+    # past the limit would otherwise drag the ensemble there even though it is clipped when shown.
+    value_y = sum(wts[k] * to_y(curves_z[k]) for k in used) if limits is not None else to_y(value_z)
+    curves = {"x": grid + x[start] - 1.0, "value": value_y, "low": lo_y, "high": hi_y}
     curves.update({k: to_y(c) for k, c in curves_z.items()})
     family_fits = {k: FamilyFit(k, dict(zip(fams[k].params, map(float, fits[k]))), float(curves[k][i_at]),
                                 errors[k] * scale, float(wts[k])) for k in fits}
