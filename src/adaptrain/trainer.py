@@ -192,6 +192,7 @@ class Trainer:
         self._losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
         self._window_samples = 0
         self._num_batches = _length(state.train_loader)
+        state.running = {}
         state.data_time = state.compute_time = 0.0
         skip = state.batch_idx
         if skip:  # resuming mid-epoch: replay the sampler's order, then skip what was already trained
