@@ -256,7 +256,15 @@ def test_profile_and_bench_verbs(config_file, tmp_path, capsys):
                           "--steps", "2", "--warmup", "1", "--csv", tmp_path / "bench.csv"], capsys)
     assert code == 0, err
     assert "| 32 | 8 |" in out and len((tmp_path / "bench.csv").read_text().splitlines()) == 3
-    assert not (tmp_path / "runs").exists()  # measuring verbs make no run folder
+    # Commas work too, and without --csv/--markdown the table lands in a run folder.
+    code, out, err = run(["bench", "--config", config_file, "--precisions", "32,bf16-mixed", "--batch-sizes", "4,8",
+                          "--steps", "2", "--warmup", "1"], capsys)
+    assert code == 0, err
+    written = [p for p in (tmp_path / "runs").rglob("bench.csv")]
+    assert len(written) == 1 and len(written[0].read_text().splitlines()) == 5
+    assert "| bf16-mixed | 8 |" in written[0].with_name("bench.md").read_text()
+    code, _, err = run(["bench", "--config", config_file, "--batch-sizes", "4,x"], capsys)
+    assert code == 2 and "expected int values separated by commas" in err
 
 
 @pytest.mark.slow

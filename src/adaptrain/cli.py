@@ -4,7 +4,7 @@
     adaptrain validate --config run.yaml ckpt_path=runs/exp/run/checkpoints/last.ckpt
     adaptrain test | predict (same as validate), and --print-config to see the resolved config
     adaptrain profile  --config run.yaml            params, FLOPs, latency, memory of the model
-    adaptrain bench    --config run.yaml --batch-sizes 32 64 --precisions 32 bf16-mixed
+    adaptrain bench    --config run.yaml --batch-sizes 16,32,64 --precisions 32,16-mixed,bf16-mixed
     adaptrain forecast runs/exp/run --metric val_acc --at 50
 
 Everything is imported, checked and built before the run folder is created: a bad config exits
@@ -86,8 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--json", metavar="FILE", help="also write the profile as JSON")
     prof.set_defaults(run=_profile)
     bench = verbs.add_parser("bench", parents=[config_args], help="time training steps per precision x batch size")
-    bench.add_argument("--precisions", nargs="+", default=["32", "16-mixed", "bf16-mixed"])
-    bench.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 64])
+    bench.add_argument("--precisions", nargs="+", type=_comma_list(str), default=[["32", "16-mixed", "bf16-mixed"]],
+                       help="e.g. 32,16-mixed,bf16-mixed (commas or spaces)")
+    bench.add_argument("--batch-sizes", nargs="+", type=_comma_list(int), default=[[16, 32, 64]],
+                       help="e.g. 16,32,64 (commas or spaces)")
+    bench.add_argument("--compile", action="store_true", help="also wrap the model in torch.compile")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--csv", metavar="FILE")
@@ -183,6 +186,16 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(kind: type) -> Any:
+    """An argparse type: "16,32" -> [16, 32] (so both "16,32" and "16 32" work)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} values separated by commas; received {text!r}")
+    return parse
+
+
 def _bench(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
@@ -201,13 +214,20 @@ def _bench(args: argparse.Namespace) -> int:
         return split_batch(next(iter(loader)), "train_loader")
 
     criterion = built.trainer.criterion
-    table = run_bench(lambda: instantiate(config["model"], "model"), make_batch, precisions=args.precisions,
-                      batch_sizes=args.batch_sizes, device=built.trainer.device, compile=config["trainer"]["compile"],
+    precisions = [p for group in args.precisions for p in group]
+    batch_sizes = [b for group in args.batch_sizes for b in group]
+    table = run_bench(lambda: instantiate(config["model"], "model"), make_batch, precisions=precisions,
+                      batch_sizes=batch_sizes, device=built.trainer.device,
+                      compile=args.compile or config["trainer"]["compile"],
                       steps=args.steps, warmup=args.warmup, criterion=lambda out, tgt: split_loss(criterion(out, tgt))[0],
                       optimizer_factory=lambda params: instantiate(config["optimizer"], "optimizer", params))
-    print(table.to_markdown(args.markdown), end="")
-    if args.csv:
-        table.to_csv(args.csv)
+    run = open_run(built, "bench")  # only once the table exists: a failed bench leaves nothing behind
+    markdown = args.markdown or (run.path / "bench.md" if run else None)
+    print(table.to_markdown(markdown), end="")
+    if args.csv or run:
+        table.to_csv(args.csv or run.path / "bench.csv")
+    if run:
+        print(f"written: {run.path / 'bench.md'}, {run.path / 'bench.csv'}")
     return 0
 
 
