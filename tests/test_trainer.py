@@ -428,3 +428,80 @@ def test_same_seed_gives_bit_identical_runs():
 
     first, second = run(), run()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_before_step_sees_unscaled_gradients_with_16_mixed():
+    norms = {}
+
+    class Norm(Callback):
+        def before_step(self, trainer):
+            norms.setdefault("first", torch.sqrt(sum(p.grad.float().pow(2).sum() for p in trainer.model.parameters())))
+
+    model = models.mlp()
+    reference = copy.deepcopy(model)
+    loader = data.loader(data.classification(16), batch_size=16)
+    make_trainer(model, precision="16-mixed", callbacks=[Norm()]).fit(loader)
+    x, y = next(iter(loader))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.CrossEntropyLoss()(reference(x), y)
+    loss.backward()
+    expected = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in reference.parameters()))
+    assert norms["first"] == pytest.approx(float(expected), rel=1e-2)  # not x65536
+
+
+def test_predict_accepts_inputs_only_loaders():
+    x = torch.randn(10, 8)
+    trainer = make_trainer()
+    assert trainer.predict(DataLoader(TensorDataset(x), batch_size=4)).shape == (10, 3)
+    assert trainer.predict(DataLoader(x, batch_size=4)).shape == (10, 3)
+
+
+def test_plateau_scheduler_per_step_is_rejected_before_training():
+    model = models.mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), progress=False,
+                      scheduler={"scheduler": ReduceLROnPlateau(optimizer), "interval": "step"})
+    with pytest.raises(ConfigError, match='scheduler.interval is "step"'):
+        trainer.fit(data.loader(data.classification(16)))
+    assert trainer.state.global_step == 0
+
+
+def test_fit_again_continues_the_schedule_instead_of_restarting_it():
+    trainer = make_trainer(max_epochs=1, scheduler=functools.partial(OneCycleLR, max_lr=0.5))
+    loader = data.loader(data.classification(64), batch_size=16)
+    trainer.fit(loader)
+    with pytest.warns(UserWarning, match="already ran its 1 epochs"):
+        trainer.fit(loader)
+    assert trainer.state.scheduler.last_epoch == 4 and trainer.state.global_step == 4
+    trainer.state.max_epochs = 2  # a OneCycle of 4 steps cannot stretch to 8: a clear error, no step taken
+    with pytest.raises(ConfigError, match="total_steps=4, but this run takes 8"):
+        trainer.fit(loader)
+    assert trainer.state.global_step == 4
+
+
+def test_validate_from_a_callback_does_not_clobber_the_epoch_logs():
+    loader = data.loader(data.classification(32), batch_size=8)
+
+    class TestEveryEpoch(Callback):
+        def after_validate(self, trainer):
+            trainer.state.epoch_logs["test_acc_probe"] = trainer.test(loader)["test_loss"]
+
+    history = make_trainer(max_epochs=1, callbacks=[TestEveryEpoch()]).fit(loader, loader)
+    record = history.records[0]
+    assert "val_loss" in record and "train_loss" in record and record["test_acc_probe"] > 0
+
+
+def test_nan_step_number_counts_accumulation_windows():
+    class NanAt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = nn.Linear(8, 3), 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.lin(x)
+            return out * float("nan") if self.calls == 5 else out
+
+    trainer = make_trainer(NanAt(), max_epochs=1, accumulate_grad_batches=3, log_every_n_steps=50)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 5 \(optimizer step 2\)"):
+        trainer.fit(data.loader(data.classification(128), batch_size=16))  # 8 batches

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -15,7 +16,7 @@ from adaptrain.batch import batch_size_of, call_model, describe, detach_cpu, spl
 from adaptrain.callbacks.base import Callback, CallbackList
 from adaptrain.callbacks.progress import ProgressBar
 from adaptrain.errors import ConfigError, NonFiniteLossError
-from adaptrain.events import CANCEL_EXCEPTIONS, Event
+from adaptrain.events import CANCEL_EXCEPTIONS, CancelEpochException, CancelTrainException, Event
 from adaptrain.history import History
 from adaptrain.losses import as_criterion, split_loss
 from adaptrain.metrics import MetricSet, WeightedMean
@@ -119,7 +120,12 @@ class Trainer:
         ``ckpt_path`` (a path, or ``"last"``) resumes a run exactly where its checkpoint left it.
         """
         state = self.state
+        if state.epoch >= state.max_epochs and ckpt_path is None:
+            warnings.warn(f"fit(): this trainer already ran its {state.max_epochs} epochs; nothing to do. Raise "
+                          "trainer.state.max_epochs to train more, or build a new Trainer.")
+            return state.history
         state.train_loader, state.val_loader = train_loader, val_loader
+        state.should_stop, state.stop_reason = False, None
         if self.seed is not None:
             seed_everything(self.seed)
         # Everything that can be wrong is checked here, before the first step.
@@ -154,7 +160,7 @@ class Trainer:
         self.model.eval()
         outputs = []
         for batch in loader:
-            inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch, "predict loader")[0]
+            inputs = _prediction_inputs(batch)
             with self._precision().autocast():
                 outputs.append(detach_cpu(call_model(self._forward_model, to_device(inputs, self.device))))
         return _concat(outputs)
@@ -170,14 +176,19 @@ class Trainer:
     def _fit_epochs(self) -> None:
         state = self.state
         while state.epoch < state.max_epochs and not state.should_stop:
-            self._with_events("epoch", self._run_epoch)
+            state.epoch_logs = {"epoch": state.epoch + 1}
+            # A cancelled epoch still ends: counters advance and its record (what it has) is kept.
+            self._with_events("epoch", self._run_epoch, on_cancel=self._end_epoch)
 
     def _run_epoch(self) -> None:
         state = self.state
-        state.epoch_logs = {"epoch": state.epoch + 1}
         self._with_events("train", self._train_epoch)
         if state.val_loader is not None:
             self._with_events("validate", self._validate_epoch)
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        state = self.state
         # The lr the epoch's last optimizer step used (a per-step scheduler has already moved past it).
         state.epoch_logs["lr"] = state.step_lr if state.step_lr is not None else state.lr
         self._step_scheduler_per_epoch()
@@ -188,6 +199,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         state = self.state
         self.model.train()
+        state.optimizer.zero_grad(set_to_none=True)  # nothing from a cancelled window leaks in
         self.train_metrics.reset()
         self._losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
         self._window_samples = 0
@@ -209,23 +221,43 @@ class Trainer:
             state.resume_rng = None
         if skip and self._resume_progress is not None:  # the half-done epoch's loss/metric sums
             load_epoch_progress(self, self._resume_progress)
+            if skip % self.log_every_n_steps == 0:
+                self._refresh()  # the uninterrupted run folded its sums right after this batch
         self._resume_progress = None
-        fetch_start = time.perf_counter()
-        for batch in batches:
-            compute_start = time.perf_counter()
-            state.data_time += compute_start - fetch_start
-            state.batch, state.batch_idx = batch, state.batch_idx + 1
-            self._last_batch_size = 0
-            self._with_events("batch", self._train_batch)
-            samples += self._last_batch_size
+        self._samples = 0
+        try:
             fetch_start = time.perf_counter()
-            state.compute_time += fetch_start - compute_start
-        if self._window_samples:  # the loader ran short of the announced length: step what is left
+            for batch in batches:
+                compute_start = time.perf_counter()
+                state.data_time += compute_start - fetch_start
+                state.batch, state.batch_idx = batch, state.batch_idx + 1
+                self._last_batch_size = 0
+                self._with_events("batch", self._train_batch, on_cancel=self._drop_unstepped_batch)
+                self._samples += self._last_batch_size
+                fetch_start = time.perf_counter()
+                state.compute_time += fetch_start - compute_start
+        except (CancelTrainException, CancelEpochException):
+            self._close_train_phase(epoch_start)
+            raise
+        self._close_train_phase(epoch_start)
+
+    def _close_train_phase(self, epoch_start: float) -> None:
+        """Step what the window holds (a loader that ran short, or a cancelled phase), record the values."""
+        state = self.state
+        if self._window_samples:
             self._optimizer_step()
         self._refresh()
         elapsed = time.perf_counter() - epoch_start
         state.epoch_logs.update({f"train_{k}": v for k, v in state.running.items()})
-        state.epoch_logs.update(epoch_time=elapsed, samples_per_s=samples / elapsed if elapsed else 0.0)
+        state.epoch_logs.update(epoch_time=elapsed, samples_per_s=self._samples / elapsed if elapsed else 0.0)
+
+    def _drop_unstepped_batch(self) -> None:
+        """A batch cancelled after its backward but before its step: without accumulation its gradient
+        would add to the next batch's (a double step), so it is dropped. With accumulation it stays in
+        the window, weighted by its size like any other batch."""
+        if self.state.accumulate_grad_batches == 1 and self._window_samples:
+            self.state.optimizer.zero_grad(set_to_none=True)
+            self._window_samples = 0
 
     def _train_batch(self) -> None:
         state = self.state
@@ -271,8 +303,8 @@ class Trainer:
             # gradient of one big batch, also for a short last window.
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             torch._foreach_mul_(grads, 1.0 / self._window_samples)
+        state.precision.unscale(optimizer)  # before_step sees true gradients; GradScaler.step reuses found_inf
         if self.gradient_clip_val is not None:
-            state.precision.unscale(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
         self.callbacks.fire(Event.BEFORE_STEP.value, self)
@@ -299,7 +331,9 @@ class Trainer:
         state = self.state
         bad_batch = self._losses["loss"].flush(find_nonfinite=self.nan_policy == "raise")
         if bad_batch is not None:
-            step = state.global_step - (state.batch_idx - bad_batch) // state.accumulate_grad_batches
+            acc = state.accumulate_grad_batches
+            steps_this_epoch = state.batch_idx // acc + (1 if state.batch_idx % acc and not self._window_samples else 0)
+            step = state.global_step - steps_this_epoch + math.ceil(bad_batch / acc)  # the step that used it
             raise NonFiniteLossError(state.epoch + 1, step, bad_batch)
         running = {name: mean.compute() for name, mean in self._losses.items()}
         running = {k: v for k, v in running.items() if v is not None}
@@ -312,9 +346,11 @@ class Trainer:
     def _evaluate(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
         if self.state.precision is None:
             self.state.precision = build_precision(self.precision_name, self.device)
-        self.state.epoch_logs = {}
-        self._with_events("validate", lambda: self.state.epoch_logs.update(self._run_eval(loader, prefix, loader_name)))
-        return dict(self.state.epoch_logs)
+        results: dict[str, float] = {}  # not state.epoch_logs: a call from a callback mid-fit must not clobber it
+        if prefix != "val":  # test() fires no validate events: callbacks watching validation are not fooled
+            return self._run_eval(loader, prefix, loader_name)
+        self._with_events("validate", lambda: results.update(self._run_eval(loader, prefix, loader_name)))
+        return results
 
     @torch.inference_mode()
     def _run_eval(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
@@ -332,12 +368,14 @@ class Trainer:
         return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
 
     # ------------------------------------------------------------------ events and scheduling
-    def _with_events(self, stage: str, run: Callable[[], None]) -> None:
+    def _with_events(self, stage: str, run: Callable[[], None], on_cancel: Callable[[], None] | None = None) -> None:
         """before_<stage>, the stage, after_cancel_<stage> if it was cancelled, after_<stage>."""
         try:
             self.callbacks.fire(f"before_{stage}", self)  # a before_ hook may cancel the stage
             run()
         except CANCEL_EXCEPTIONS[stage]:
+            if on_cancel is not None:
+                on_cancel()
             self.callbacks.fire(f"after_cancel_{stage}", self)
         self.callbacks.fire(f"after_{stage}", self)
 
@@ -346,7 +384,9 @@ class Trainer:
         spec = self._scheduler_spec
         scheduler = spec["scheduler"]
         total_steps = state.steps_per_epoch * state.max_epochs if state.steps_per_epoch else None
-        if scheduler is not None and not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+        if state.epoch > 0 and state.scheduler is not None:
+            scheduler = state.scheduler  # fit() called again: continue the schedule, do not restart it
+        elif scheduler is not None and not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
             scheduler = _build_from_factory(scheduler, state.optimizer, total_steps)
         state.scheduler = scheduler
         state.scheduler_interval = spec["interval"] or (
@@ -356,6 +396,9 @@ class Trainer:
                 "scheduler", f"is OneCycleLR with total_steps={scheduler.total_steps}, but this run takes "
                 f"{total_steps} optimizer steps ({state.steps_per_epoch} per epoch x {state.max_epochs} epochs); "
                 "pass functools.partial(OneCycleLR, max_lr=...) and the trainer computes total_steps.")
+        if isinstance(scheduler, ReduceLROnPlateau) and state.scheduler_interval == "step":
+            raise ConfigError("scheduler.interval", 'is "step", but ReduceLROnPlateau steps once per epoch with its '
+                              'monitored value; use "epoch".')
         self._plateau_monitor = spec["monitor"] or ("val_loss" if state.val_loader is not None else "train_loss")
 
     def _step_scheduler_per_epoch(self) -> None:
@@ -442,6 +485,17 @@ def _build_from_factory(factory: Callable, optimizer: torch.optim.Optimizer, tot
             raise ValueError("Trainer(scheduler=...): the factory needs total_steps, but the train loader has no len().")
         return factory(optimizer, total_steps=total_steps)
     return factory(optimizer)
+
+
+def _prediction_inputs(batch: Any) -> Any:
+    """Inputs of a predict batch: a tensor, a 1-tuple (TensorDataset(x)), a dict without targets, or (inputs, targets)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0]
+    if isinstance(batch, dict) and "targets" not in batch:
+        return batch.get("inputs", batch)
+    return split_batch(batch, "predict loader")[0]
 
 
 def _reraise_naming(error: Exception, where: str) -> None:

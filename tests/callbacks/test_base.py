@@ -118,3 +118,48 @@ def test_error_in_a_callback_names_callback_and_event_and_fires_exception():
 def test_non_callback_is_rejected():
     with pytest.raises(TypeError, match="expected adaptrain.Callback instances; received function"):
         CallbackList([lambda trainer: None])
+
+
+def test_cancelled_epoch_still_ends_and_is_recorded():
+    from adaptrain import CancelEpochException
+
+    class SkipFirstEpoch(Callback):
+        def before_epoch(self, trainer):
+            if trainer.state.epoch == 0:
+                raise CancelEpochException()
+
+    counter = EventCounter()
+    trainer = fit([SkipFirstEpoch(), counter], epochs=3)
+    records = trainer.state.history.records
+    assert [r["epoch"] for r in records] == [1, 2, 3] and "train_loss" not in records[0]
+    assert "val_loss" in records[1] and counter.counts["after_cancel_epoch"] == 1
+    assert trainer.state.global_step == 8  # epochs 2 and 3 only, 4 steps each
+
+
+def test_cancelled_train_phase_steps_its_window_and_leaks_nothing():
+    from adaptrain import CancelTrainException
+
+    grads_at_epoch_start = []
+
+    class StopAtBatch2(Callback):
+        def before_train(self, trainer):
+            grads_at_epoch_start.append([p.grad for p in trainer.model.parameters()])
+
+        def after_batch(self, trainer):
+            if trainer.state.epoch == 0 and trainer.state.batch_idx == 2:
+                raise CancelTrainException()
+
+    trainer = fit([StopAtBatch2()], epochs=2, accumulate=3)  # window of 3 cut after 2 batches
+    assert all(g is None for grads in grads_at_epoch_start for g in grads)
+    assert trainer.state.global_step == 1 + 2  # the cut window was stepped, then 4 batches = 2 steps
+    assert "train_loss" in trainer.state.history.records[0] and "val_loss" in trainer.state.history.records[0]
+
+
+def test_cancelled_batch_after_backward_does_not_double_the_next_step():
+    class CancelAfterBackward(Callback):
+        def after_backward(self, trainer):
+            if trainer.state.batch_idx == 1:
+                raise CancelBatchException()
+
+    trainer = fit([CancelAfterBackward()], epochs=1, val=False)
+    assert trainer.state.global_step == 3 and trainer._window_samples == 0
