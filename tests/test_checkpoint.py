@@ -303,3 +303,26 @@ def test_optimizer_state_of_another_shape_is_named():
     problem = optimizer_mismatch(torch.optim.Adam(large.parameters()), saved.state_dict(), "Adam")
     assert problem.startswith("has optimizer state 'exp_avg' of shape [3, 2] for a parameter of shape [4, 2]")
     assert optimizer_mismatch(saved, saved.state_dict(), "Adam") is None
+
+
+def test_a_one_cycle_run_cannot_be_resumed_for_more_epochs(tmp_path):
+    import functools
+
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    first = make_trainer(max_epochs=1, scheduler=functools.partial(OneCycleLR, max_lr=0.1))
+    first.fit(train_loader())
+    path = save_checkpoint(first, tmp_path / "cycle.ckpt")
+    longer = make_trainer(max_epochs=2, scheduler=functools.partial(OneCycleLR, max_lr=0.1))
+    before = {k: v.clone() for k, v in longer.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="OneCycleLR schedule of 3 steps, but this run needs 6"):
+        longer.fit(train_loader(), ckpt_path=path)
+    assert all(torch.equal(before[k], v) for k, v in longer.model.state_dict().items())
+    assert longer.state.global_step == 0
+
+
+def test_garbage_is_called_corrupt_not_malicious(tmp_path):
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError, match="is not a checkpoint or is corrupt"):
+        load_checkpoint(path)

@@ -277,3 +277,11 @@ def test_console_script_in_a_subprocess(config_file, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "runs/tiny/sub/history.csv").is_file()
     assert "run folder: " in done.stdout
+
+
+def test_fit_with_a_bad_checkpoint_writes_nothing(config_file, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    code, _, err = run(["fit", "--config", config_file, f"ckpt_path={bad}"], capsys)
+    assert code == 2 and "ckpt_path could not be loaded" in err and "is not a checkpoint or is corrupt" in err
+    assert run_folders(tmp_path / "runs") == []

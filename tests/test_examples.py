@@ -59,3 +59,19 @@ def test_example_configs_resolve(name, capsys, monkeypatch):
     assert "class_path: adaptrain.models." in out
     if name == "mnist1d_cnn.yaml":
         assert "root_dir: /tmp/adaptrain-example-root" in out  # ${oc.env:ADAPTRAIN_ROOT,runs}
+
+
+def test_make_demo_script_runs_end_to_end(tmp_path, monkeypatch):
+    """The script behind `make demo`, shortened to 2 epochs: run folder, plot, weights, test accuracy."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "mnist1d_demo.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_demo", script)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    monkeypatch.chdir(tmp_path)
+    accuracy = demo.main(epochs=2)
+    (run,) = (tmp_path / "runs" / "demo").iterdir()
+    assert {p.name for p in run.iterdir()} >= {"history.csv", "history.json", "history.png", "model.safetensors",
+                                               "checkpoints"}
+    assert 0.3 < accuracy <= 1.0  # 2 epochs already beat chance (0.1) by far

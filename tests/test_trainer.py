@@ -505,3 +505,25 @@ def test_nan_step_number_counts_accumulation_windows():
     trainer = make_trainer(NanAt(), max_epochs=1, accumulate_grad_batches=3, log_every_n_steps=50)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 5 \(optimizer step 2\)"):
         trainer.fit(data.loader(data.classification(128), batch_size=16))  # 8 batches
+
+
+def test_namedtuple_inputs_and_outputs():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, a, b):  # a tuple of inputs, named or not, is passed as positional arguments
+            out = self.lin(a + b)
+            return Pair(out, out.sum(1))
+
+    x, y = data.classification(32).tensors
+    loader = DataLoader([(Pair(x[i], x[i]), y[i]) for i in range(32)], batch_size=8)
+    trainer = make_trainer(Net(), criterion=lambda out, t: nn.functional.cross_entropy(out.a, t), max_epochs=1)
+    trainer.fit(loader)
+    prediction = trainer.predict(loader)
+    assert isinstance(prediction, Pair) and prediction.a.shape == (32, 3)

@@ -46,8 +46,13 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
+        return rebuild(obj, [to_device(v, device) for v in obj])
     return obj
+
+
+def rebuild(seq: tuple | list, items: list) -> Any:
+    """A sequence of the same type; namedtuples take their fields as arguments."""
+    return type(seq)(*items) if isinstance(seq, tuple) and hasattr(seq, "_fields") else type(seq)(items)
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:
@@ -94,5 +99,5 @@ def detach_cpu(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: detach_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(detach_cpu(v) for v in obj)
+        return rebuild(obj, [detach_cpu(v) for v in obj])
     return obj

@@ -164,6 +164,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     except PermissionError as error:
         raise CheckpointError(path, f"cannot be read ({error.strerror}).") from None
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error) and "global" not in str(error):  # bytes that are no pickle at all
+            raise CheckpointError(path, "is not a checkpoint or is corrupt (it is neither a torch.save zip nor a "
+                                  "valid pickle).") from None
         reasons = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         reason = (reasons or ["unknown pickle content"])[0].strip()
         raise CheckpointError(path, f"refused: it holds objects that torch.load(weights_only=True) does not allow "
@@ -292,7 +295,8 @@ def restore_trainer(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:
     problems = (model_mismatch(state.model, ckpt["model"]),
                 optimizer_mismatch(state.optimizer, ckpt["optimizer"], ckpt["meta"]["optimizer"]),
                 scheduler_mismatch(state.scheduler, ckpt["meta"]["scheduler"]),
-                position_mismatch(ckpt["counters"]["batch_idx"], state.train_loader))
+                position_mismatch(ckpt["counters"]["batch_idx"], state.train_loader),
+                _onecycle_too_short(state, ckpt["scheduler"]))
     for problem in problems:
         if problem:
             raise CheckpointError(path, problem)
@@ -320,6 +324,19 @@ def restore_trainer(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:
         set_rng_state(rng["now"])
         set_loader_rng_state(state.train_loader, rng["now"]["loader"])
     return path
+
+
+def _onecycle_too_short(state: Any, saved: Any) -> str | None:
+    """A OneCycle schedule cannot stretch: resuming it for more epochs would fail mid-run in torch."""
+    if not isinstance(state.scheduler, torch.optim.lr_scheduler.OneCycleLR) or not isinstance(saved, dict):
+        return None
+    needed = (state.steps_per_epoch or 0) * state.max_epochs
+    saved_total = saved.get("total_steps")
+    if saved_total is not None and needed > saved_total:
+        return (f"holds a OneCycleLR schedule of {saved_total} steps, but this run needs {needed} "
+                f"({state.steps_per_epoch} per epoch x {state.max_epochs} epochs); a one-cycle schedule cannot be "
+                "extended: resume with the original max_epochs, or start a new run from the weights.")
+    return None
 
 
 def _resolve(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:

@@ -30,6 +30,7 @@ from adaptrain.batch import describe, split_batch
 from adaptrain.callbacks.progress import format_values
 from adaptrain.config import COMMAND_LINE, load_config, to_yaml
 from adaptrain.errors import ConfigError, MissingExtraError
+from adaptrain.checkpoint import CheckpointError
 from adaptrain.experiment import Built, build, first_loader, open_run
 from adaptrain.instantiate import instantiate
 from adaptrain.loggers.base import Logger
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         return args.run(args)
-    except (ConfigError, MissingExtraError) as error:
+    except (ConfigError, MissingExtraError, CheckpointError) as error:
         print(f"adaptrain: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -223,11 +224,11 @@ def _bench(args: argparse.Namespace) -> int:
                       optimizer_factory=lambda params: instantiate(config["optimizer"], "optimizer", params))
     run = open_run(built, "bench")  # only once the table exists: a failed bench leaves nothing behind
     markdown = args.markdown or (run.path / "bench.md" if run else None)
+    csv_path = args.csv or (run.path / "bench.csv" if run else None)
     print(table.to_markdown(markdown), end="")
-    if args.csv or run:
-        table.to_csv(args.csv or run.path / "bench.csv")
-    if run:
-        print(f"written: {run.path / 'bench.md'}, {run.path / 'bench.csv'}")
+    if csv_path:
+        table.to_csv(csv_path)
+        print(f"written: {markdown}, {csv_path}")
     return 0
 
 

@@ -184,6 +184,16 @@ def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> None:
                           "expected a checkpoint file, e.g. runs/<experiment>/<run>/checkpoints/last.ckpt.")
     if not Path(ckpt_path).is_file():
         raise ConfigError("ckpt_path", f'is "{ckpt_path}", which is not a file.')
+    if verb == "fit":  # checked here, before the run folder exists; fit(ckpt_path=...) checks the rest
+        from adaptrain.checkpoint import CheckpointError, load_checkpoint
+        from adaptrain.resume import model_mismatch
+
+        try:
+            problem = model_mismatch(model, load_checkpoint(ckpt_path)["model"])
+        except CheckpointError as error:
+            raise ConfigError("ckpt_path", f"could not be loaded: {error}") from error
+        if problem:
+            raise ConfigError("ckpt_path", f'is "{ckpt_path}", which {problem}')
     if verb in ("validate", "test", "predict"):
         from adaptrain.checkpoint import CheckpointError, load_checkpoint, load_weights
 

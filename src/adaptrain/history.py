@@ -82,17 +82,18 @@ class History:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Write a PNG: one panel for the loss (and its parts), one per metric, one for the lr."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure with the Agg canvas: no pyplot, so the user's backend (Jupyter inline) is untouched.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         panels = _panels(self.keys)
         cols = min(3, len(panels)) or 1
         rows = math.ceil(len(panels) / cols) or 1
-        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+        fig = Figure(figsize=(5 * cols, 3.6 * rows))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, (title, keys) in zip(axes.flat, panels):
             for key in keys:
                 points = [(r["epoch"], r[key]) for r in self.records if key in r and "epoch" in r]
@@ -109,7 +110,6 @@ class History:
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         return path
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from adaptrain import distributed
-from adaptrain.batch import batch_size_of, call_model, describe, detach_cpu, split_batch, to_device
+from adaptrain.batch import rebuild, batch_size_of, call_model, describe, detach_cpu, split_batch, to_device
 from adaptrain.callbacks.base import Callback, CallbackList
 from adaptrain.callbacks.progress import ProgressBar
 from adaptrain.errors import ConfigError, NonFiniteLossError
@@ -542,5 +542,5 @@ def _concat(outputs: list) -> Any:
     if isinstance(first, dict):
         return {k: _concat([o[k] for o in outputs]) for k in first}
     if isinstance(first, (tuple, list)):
-        return type(first)(_concat([o[i] for o in outputs]) for i in range(len(first)))
+        return rebuild(first, [_concat([o[i] for o in outputs]) for i in range(len(first))])
     return outputs
