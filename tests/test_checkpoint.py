@@ -315,7 +315,7 @@ def test_a_one_cycle_run_cannot_be_resumed_for_more_epochs(tmp_path):
     path = save_checkpoint(first, tmp_path / "cycle.ckpt")
     longer = make_trainer(max_epochs=2, scheduler=functools.partial(OneCycleLR, max_lr=0.1))
     before = {k: v.clone() for k, v in longer.model.state_dict().items()}
-    with pytest.raises(CheckpointError, match="OneCycleLR schedule of 3 steps, but this run needs 6"):
+    with pytest.raises(CheckpointError, match="OneCycleLR schedule of 3 steps with 0 left, but this run has 3 more"):
         longer.fit(train_loader(), ckpt_path=path)
     assert all(torch.equal(before[k], v) for k, v in longer.model.state_dict().items())
     assert longer.state.global_step == 0

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import secrets
@@ -296,7 +297,7 @@ def restore_trainer(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:
                 optimizer_mismatch(state.optimizer, ckpt["optimizer"], ckpt["meta"]["optimizer"]),
                 scheduler_mismatch(state.scheduler, ckpt["meta"]["scheduler"]),
                 position_mismatch(ckpt["counters"]["batch_idx"], state.train_loader),
-                _onecycle_too_short(state, ckpt["scheduler"]))
+                _onecycle_too_short(state, ckpt["scheduler"], ckpt["counters"]))
     for problem in problems:
         if problem:
             raise CheckpointError(path, problem)
@@ -326,16 +327,19 @@ def restore_trainer(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:
     return path
 
 
-def _onecycle_too_short(state: Any, saved: Any) -> str | None:
-    """A OneCycle schedule cannot stretch: resuming it for more epochs would fail mid-run in torch."""
+def _onecycle_too_short(state: Any, saved: Any, counters: dict[str, Any]) -> str | None:
+    """A OneCycle schedule cannot stretch: resuming it for more steps than it has left fails mid-run in torch."""
     if not isinstance(state.scheduler, torch.optim.lr_scheduler.OneCycleLR) or not isinstance(saved, dict):
         return None
-    needed = (state.steps_per_epoch or 0) * state.max_epochs
-    saved_total = saved.get("total_steps")
-    if saved_total is not None and needed > saved_total:
-        return (f"holds a OneCycleLR schedule of {saved_total} steps, but this run needs {needed} "
-                f"({state.steps_per_epoch} per epoch x {state.max_epochs} epochs); a one-cycle schedule cannot be "
-                "extended: resume with the original max_epochs, or start a new run from the weights.")
+    total, done, per_epoch = saved.get("total_steps"), saved.get("last_epoch"), state.steps_per_epoch
+    if total is None or done is None or not per_epoch:
+        return None
+    steps_into_epoch = math.ceil(counters["batch_idx"] / state.accumulate_grad_batches)
+    remaining = (state.max_epochs - counters["epoch"]) * per_epoch - steps_into_epoch
+    if done + remaining > total:
+        return (f"holds a OneCycleLR schedule of {total} steps with {total - done} left, but this run has {remaining} "
+                f"more optimizer steps to take ({per_epoch} per epoch up to epoch {state.max_epochs}); a one-cycle "
+                "schedule cannot be extended: resume with the original settings, or start a new run from the weights.")
     return None
 
 
