@@ -18,14 +18,6 @@ from adaptrain.precision import PRECISIONS, precision_support
 bench_module = importlib.import_module("adaptrain.bench")  # the module even if a package attr shadows it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()  # see tests/test_profile.py: one thread is faster for tiny ops here
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- pure rules
 @pytest.mark.parametrize("name, precision, tf32, expected", [
     ("NVIDIA H100 80GB HBM3", "bf16-mixed", False, 989e12),

@@ -19,15 +19,6 @@ from adaptrain.checkpoint import (CheckpointError, atomic_write, load_checkpoint
 from tests.common import data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, which spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_trainer(model: nn.Module | None = None, optimizer_cls=torch.optim.AdamW, callbacks=(), **kwargs) -> Trainer:
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

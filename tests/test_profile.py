@@ -19,16 +19,6 @@ from adaptrain.profiling import LatencyStats, ModelProfile, profile
 FAST = dict(device="cpu", warmup=1, runs=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core box: two intra-op threads wait on each other for whole
-    # scheduler slices (ms per op), one thread is ~100x faster and steadier.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def conv_flops(cin: int, cout: int, k: int, out_hw: int, groups: int = 1) -> int:
     """2 * MACs of a square Conv2d, per sample."""
     return 2 * cout * out_hw * out_hw * (cin // groups) * k * k

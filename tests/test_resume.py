@@ -38,15 +38,6 @@ TIMING_KEYS = ("epoch_time", "samples_per_s")
 WORKER = Path(__file__).parent / "scripts" / "resume_worker.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, which spin-waits: ~30x slower on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_trainer(callbacks=(), model_seed=0, accumulate=3, max_epochs=3, **kwargs) -> Trainer:
     torch.manual_seed(model_seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))

@@ -171,8 +171,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         reasons = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         reason = (reasons or ["unknown pickle content"])[0].strip()
         raise CheckpointError(path, f"refused: it holds objects that torch.load(weights_only=True) does not allow "
-                              f"({reason}); unpickling them could run code. Load only checkpoints you trust, with "
-                              "torch.load(..., weights_only=False).") from None
+                              f"({reason}); unpickling them could run code. Load only checkpoints you trust, "
+                              "and then with weights_only=False.") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         first_line = (str(error).splitlines() or [""])[0]
         raise CheckpointError(path, f"is truncated or corrupt ({type(error).__name__}: {first_line}); it was not "
@@ -181,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing or ckpt["meta"].get("format") != FORMAT:
         raise CheckpointError(path, f"is not an adaptrain checkpoint (missing {missing or ['meta.format']}); "
-                              "use load_weights() for .safetensors files and torch.load() for others.")
+                              "use load_weights() for .safetensors files and torch's own loader for others.")
     if ckpt["meta"].get("version", 0) > VERSION:
         raise CheckpointError(path, f"has format version {ckpt['meta']['version']}, written by a newer adaptrain; "
                               f"this one reads up to {VERSION}. Upgrade adaptrain.")

@@ -17,15 +17,6 @@ from adaptrain.forecasting import Forecast
 from adaptrain.history import History
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread, and idle torch threads would slow the scipy fits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def noisy_classification(n: int = 600, features: int = 20, classes: int = 4, noise: float = 0.3):
     """A linear teacher with 30% of labels shuffled: accuracy tops out near 0.78, never 0.95."""
     g = torch.Generator().manual_seed(0)
