@@ -181,10 +181,11 @@ def test_changed_accumulation_warns_but_resumes(tmp_path):
 class Worker:
     """``python tests/scripts/resume_worker.py`` in a fresh interpreter, its stdout read line by line."""
 
-    def __init__(self, folder: Path, *args: str) -> None:
+    def __init__(self, folder: Path, *args: str, new_session: bool = False) -> None:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
         self.process = subprocess.Popen([sys.executable, str(WORKER), str(folder), *args], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=new_session)
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -302,3 +303,15 @@ def test_sigterm_saves_within_one_step_and_exits_143(tmp_path):
     assert signal_step >= 7 and saved_step - signal_step in (0, 1)
     ckpt = load_checkpoint(fields["path"])
     assert ckpt["counters"]["global_step"] == saved_step and fields["path"].endswith("last.ckpt")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(tmp_path):
+    # SLURM's time limit signals every process of the job, DataLoader workers included.
+    worker = Worker(tmp_path, "--step-sleep", "0.02", "--every-n-steps", "1000", "--workers", "2", new_session=True)
+    worker.wait_for("step 5")
+    os.killpg(worker.process.pid, signal.SIGTERM)
+    line = worker.wait_for("interrupted")
+    assert worker.finish() == 143, worker.stderr
+    fields = dict(item.split("=", 1) for item in line.split()[1:])
+    assert load_checkpoint(fields["path"])["counters"]["global_step"] == int(fields["saved_step"]) >= 5

@@ -239,6 +239,11 @@ class Trainer:
         except (CancelTrainException, CancelEpochException):
             self._close_train_phase(epoch_start)
             raise
+        except BaseException:
+            # Release loader workers now: the traceback keeps the iterator alive, and workers that
+            # ignore SIGTERM (see callbacks/signals.py) would otherwise block interpreter exit.
+            getattr(batches, "_shutdown_workers", lambda: None)()
+            raise
         self._close_train_phase(epoch_start)
 
     def _close_train_phase(self, epoch_start: float) -> None:

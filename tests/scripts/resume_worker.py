@@ -75,12 +75,14 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (outputs.argmax(1) == targets).float().mean()  # a callable metric: torchmetrics takes 2 s to import
 
 
-def build(folder: Path, epochs: int, every_n_steps: int, step_sleep: float) -> tuple[Trainer, DataLoader, DataLoader]:
+def build(folder: Path, epochs: int, every_n_steps: int, step_sleep: float,
+          workers: int = 0) -> tuple[Trainer, DataLoader, DataLoader]:
     """Dropout, a shuffling loader with its own generator, OneCycleLR, windows of 3 batches (30 per epoch)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(240, 8, generator=g)
     data = TensorDataset(x, x[:, :3].argmax(1))
-    train = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+    train = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1),
+                       num_workers=workers)
     val = DataLoader(data, batch_size=80)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
@@ -101,11 +103,12 @@ def run(argv: list[str], channel: Any = None) -> int:
     parser.add_argument("--every-n-steps", type=int, default=5)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--slow-write", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the same reduction order in every process: bit-identical results
     if args.slow_write:
         _slow_writes(args.slow_write)
-    trainer, train, val = build(args.dir, args.epochs, args.every_n_steps, args.step_sleep)
+    trainer, train, val = build(args.dir, args.epochs, args.every_n_steps, args.step_sleep, args.workers)
     last = args.dir / "checkpoints" / "last.ckpt"
     try:
         history = trainer.fit(train, val, ckpt_path="last" if last.exists() else None)

@@ -117,6 +117,8 @@ class SignalHandler(Callback):
             return
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        for loader in (trainer.state.train_loader, trainer.state.val_loader):
+            _workers_ignore(loader, self.signals)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Runs between two bytecodes of the main thread: record only; the loop acts at a step boundary.
@@ -177,3 +179,26 @@ def requeue_slurm_job() -> bool:
                       f"{result.stderr.strip()}; requeue the job by hand.")
         return False
     return True
+
+
+class _IgnoreInWorkers:
+    """A DataLoader ``worker_init_fn``: workers ignore the handled signals, then the user's function runs.
+
+    SLURM's time limit, ``kill -TERM -<pgid>`` and Ctrl-C in a terminal signal the whole process
+    group: without this the workers die first and the main process fails ("DataLoader worker exited
+    unexpectedly") before it can save. The trainer shuts its workers down itself when fit ends.
+    """
+
+    def __init__(self, signals: tuple[int, ...], user_fn: Any) -> None:
+        self.signals, self.user_fn = signals, user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+def _workers_ignore(loader: Any, signals: tuple[int, ...]) -> None:
+    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _IgnoreInWorkers):
+        loader.worker_init_fn = _IgnoreInWorkers(signals, loader.worker_init_fn)
