@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from adaptrain import distributed
 from adaptrain.batch import rebuild, batch_size_of, call_model, describe, detach_cpu, split_batch, to_device
 from adaptrain.callbacks.base import Callback, CallbackList
 from adaptrain.callbacks.progress import ProgressBar
-from adaptrain.errors import ConfigError, NonFiniteLossError
+from adaptrain.errors import NonFiniteLossError
 from adaptrain.events import CANCEL_EXCEPTIONS, CancelEpochException, CancelTrainException, Event
 from adaptrain.history import History
 from adaptrain.losses import as_criterion, split_loss
 from adaptrain.metrics import MetricSet, WeightedMean
 from adaptrain.precision import PRECISIONS, build_precision
+from adaptrain.scheduling import LRSchedule
 from adaptrain.resume import load_epoch_progress, loader_rng_state, set_loader_rng_state
 from adaptrain.state import TrainState, rng_state, seed_everything, set_rng_state
-
-_STEP_SCHEDULERS = (OneCycleLR, CyclicLR)
-
 
 class Trainer:
     """Trains any ``nn.Module``: one loop, extended by callbacks.
@@ -100,7 +96,7 @@ class Trainer:
         self.nan_policy = nan_policy
         self.log_every_n_steps = log_every_n_steps
         self._forward_model = torch.compile(model) if compile else model
-        self._scheduler_spec = _parse_scheduler(scheduler)
+        self._schedule = LRSchedule(scheduler)
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device,
                                 max_epochs=max_epochs, accumulate_grad_batches=accumulate_grad_batches)
         self.train_metrics = MetricSet(self.metric_specs, self.device)
@@ -131,7 +127,7 @@ class Trainer:
         # Everything that can be wrong is checked here, before the first step.
         state.precision = build_precision(self.precision_name, self.device)
         state.steps_per_epoch = _steps_per_epoch(train_loader, state.accumulate_grad_batches)
-        self._setup_scheduler()
+        self._schedule.setup(state)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
         if ckpt_path is not None:
@@ -191,7 +187,7 @@ class Trainer:
         state = self.state
         # The lr the epoch's last optimizer step used (a per-step scheduler has already moved past it).
         state.epoch_logs["lr"] = state.step_lr if state.step_lr is not None else state.lr
-        self._step_scheduler_per_epoch()
+        self._schedule.step_epoch(state)
         state.epoch += 1
         state.batch_idx = 0
         state.history.append(_ordered_record(state.epoch_logs))
@@ -384,44 +380,6 @@ class Trainer:
             self.callbacks.fire(f"after_cancel_{stage}", self)
         self.callbacks.fire(f"after_{stage}", self)
 
-    def _setup_scheduler(self) -> None:
-        state = self.state
-        spec = self._scheduler_spec
-        scheduler = spec["scheduler"]
-        total_steps = state.steps_per_epoch * state.max_epochs if state.steps_per_epoch else None
-        if state.epoch > 0 and state.scheduler is not None:
-            scheduler = state.scheduler  # fit() called again: continue the schedule, do not restart it
-        elif scheduler is not None and not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
-            scheduler = _build_from_factory(scheduler, state.optimizer, total_steps)
-        state.scheduler = scheduler
-        state.scheduler_interval = spec["interval"] or (
-            "step" if isinstance(scheduler, _STEP_SCHEDULERS) else "epoch")
-        if isinstance(scheduler, OneCycleLR) and total_steps and scheduler.total_steps < total_steps:
-            raise ConfigError(
-                "scheduler", f"is OneCycleLR with total_steps={scheduler.total_steps}, but this run takes "
-                f"{total_steps} optimizer steps ({state.steps_per_epoch} per epoch x {state.max_epochs} epochs); "
-                "pass functools.partial(OneCycleLR, max_lr=...) and the trainer computes total_steps.")
-        if isinstance(scheduler, ReduceLROnPlateau) and state.scheduler_interval == "step":
-            raise ConfigError("scheduler.interval", 'is "step", but ReduceLROnPlateau steps once per epoch with its '
-                              'monitored value; use "epoch".')
-        self._plateau_monitor = spec["monitor"] or ("val_loss" if state.val_loader is not None else "train_loss")
-
-    def _step_scheduler_per_epoch(self) -> None:
-        state = self.state
-        if state.scheduler is None or state.scheduler_interval != "epoch":
-            return
-        if isinstance(state.scheduler, ReduceLROnPlateau):
-            value = state.epoch_logs.get(self._plateau_monitor)
-            if value is None:
-                if state.val_loader is not None and self._plateau_monitor.startswith("val_") and \
-                        not any(k.startswith("val_") for k in state.epoch_logs):
-                    return  # validation was skipped this epoch: nothing to feed the plateau scheduler
-                raise ConfigError("scheduler.monitor", f'is "{self._plateau_monitor}", which no loader produced; '
-                                  f"available: {sorted(k for k in state.epoch_logs if k != 'epoch')}.")
-            state.scheduler.step(value)
-        else:
-            state.scheduler.step()
-
     def _precision(self):
         if self.state.precision is None:
             self.state.precision = build_precision(self.precision_name, self.device)
@@ -460,36 +418,6 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f'Trainer(device="{device}"): CUDA is not available on this machine; use "auto" or "cpu".')
     return resolved
-
-
-def _parse_scheduler(scheduler: Any) -> dict[str, Any]:
-    spec = {"scheduler": scheduler, "interval": None, "monitor": None}
-    if isinstance(scheduler, Mapping):
-        unknown = set(scheduler) - set(spec)
-        if unknown or "scheduler" not in scheduler:
-            raise ValueError(f"Trainer(scheduler={{...}}): expected keys 'scheduler', 'interval', 'monitor'; "
-                             f"received {sorted(scheduler)}.")
-        spec.update(scheduler)
-    if spec["interval"] not in (None, "step", "epoch"):
-        raise ValueError(f'Trainer(scheduler={{"interval": "{spec["interval"]}"}}): expected "step" or "epoch".')
-    if spec["scheduler"] is not None and not callable(spec["scheduler"]) and \
-            not isinstance(spec["scheduler"], (LRScheduler, ReduceLROnPlateau)):
-        raise TypeError(f"Trainer(scheduler=...): expected an LR scheduler or a factory f(optimizer); "
-                        f"received {type(spec['scheduler']).__name__}.")
-    return spec
-
-
-def _build_from_factory(factory: Callable, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
-    """Call ``factory(optimizer)``, passing ``total_steps`` when the factory accepts it."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "total_steps" in params:
-        if total_steps is None:
-            raise ValueError("Trainer(scheduler=...): the factory needs total_steps, but the train loader has no len().")
-        return factory(optimizer, total_steps=total_steps)
-    return factory(optimizer)
 
 
 def _prediction_inputs(batch: Any) -> Any:
