@@ -314,33 +314,13 @@ def test_gradients_set_to_none_and_eval_in_inference_mode():
 
 # ---------------------------------------------------------------- bad values and bad input
 def test_nan_loss_is_reported_with_epoch_and_batch():
-    class NanAt(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.calls = nn.Linear(8, 3), 0
-
-        def forward(self, x):
-            self.calls += 1
-            out = self.lin(x)
-            return out * float("nan") if self.calls == 7 else out
-
-    trainer = make_trainer(NanAt(), max_epochs=3, log_every_n_steps=50)
+    trainer = make_trainer(models.NanAtCall(lambda call: call == 7), max_epochs=3, log_every_n_steps=50)
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3"):
         trainer.fit(data.loader(data.classification(64), batch_size=16))  # 4 batches/epoch: call 7 = epoch 2 batch 3
 
 
 def test_nan_policy_skip_skips_and_counts():
-    class NanEvery3(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.calls = nn.Linear(8, 3), 0
-
-        def forward(self, x):
-            self.calls += 1
-            out = self.lin(x)
-            return out * float("nan") if self.calls % 3 == 0 else out
-
-    trainer = make_trainer(NanEvery3(), max_epochs=1, nan_policy="skip")
+    trainer = make_trainer(models.NanAtCall(lambda call: call % 3 == 0), max_epochs=1, nan_policy="skip")
     history = trainer.fit(data.loader(data.classification(96), batch_size=16))  # 6 batches
     assert trainer.state.skipped_batches == 2
     assert history["train_loss"][0] == history["train_loss"][0]  # finite: bad batches left out
@@ -492,17 +472,7 @@ def test_validate_from_a_callback_does_not_clobber_the_epoch_logs():
 
 
 def test_nan_step_number_counts_accumulation_windows():
-    class NanAt(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.calls = nn.Linear(8, 3), 0
-
-        def forward(self, x):
-            self.calls += 1
-            out = self.lin(x)
-            return out * float("nan") if self.calls == 5 else out
-
-    trainer = make_trainer(NanAt(), max_epochs=1, accumulate_grad_batches=3, log_every_n_steps=50)
+    trainer = make_trainer(models.NanAtCall(lambda call: call == 5), max_epochs=1, accumulate_grad_batches=3, log_every_n_steps=50)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 5 \(optimizer step 2\)"):
         trainer.fit(data.loader(data.classification(128), batch_size=16))  # 8 batches
 

@@ -176,7 +176,7 @@ def _profile(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return 0
-    profile = _optional(("adaptrain.profiling",), "profile", "profile")
+    from adaptrain.profiling import profile  # imported here: only this verb pays for it
     built = build(config, "profile")
     inputs, _ = split_batch(next(iter(built.loaders.train)), "train_loader")
     result = profile(built.trainer.model, example_inputs=inputs, device=built.trainer.device,
@@ -203,7 +203,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from torch.utils.data import DataLoader
 
-    run_bench = _optional(("adaptrain.bench",), "run_bench", "bench")
+    from adaptrain.bench import run_bench
     built = build(config, "bench")
     train = built.loaders.train
     if not isinstance(train, DataLoader):
@@ -233,8 +233,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _forecast(args: argparse.Namespace) -> int:
-    forecast_history_file = _optional(("adaptrain.forecasting",), "forecast_history_file", "forecast")
-    from adaptrain.forecasting import ForecastError
+    from adaptrain.forecasting import ForecastError, forecast_history_file
 
     path = Path(args.history)
     path = path / "history.csv" if path.is_dir() else path
@@ -252,18 +251,3 @@ def _forecast(args: argparse.Namespace) -> int:
     for note in fc.notes:
         print(f"  note: {note}")
     return 0
-
-
-def _optional(modules: tuple[str, ...], name: str, verb: str) -> Any:
-    """A function from a module other engineers are still writing: a clear error until it lands."""
-    import importlib
-
-    for module in modules:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise  # the module exists, but something it imports is missing: show that
-        except AttributeError:
-            pass
-    raise ConfigError(f"`adaptrain {verb}`", f"is not available yet: none of {', '.join(modules)} provides {name}().")

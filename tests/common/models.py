@@ -38,3 +38,16 @@ class DictInDictOut(nn.Module):
     def forward(self, left, right):
         h = torch.relu(torch.cat([self.a(left), self.b(right)], 1))
         return {"cls": self.cls(h), "reg": self.reg(h).squeeze(1)}
+
+
+class NanAtCall(nn.Module):
+    """A linear model whose output turns NaN on the given forward calls (1-based)."""
+
+    def __init__(self, bad_calls, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.lin, self.calls, self.bad_calls = nn.Linear(features, classes), 0, bad_calls
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.lin(x)
+        return out * float("nan") if self.bad_calls(self.calls) else out
