@@ -18,8 +18,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from adaptrain.bench import PRECISIONS, run_bench
-from adaptrain.profiling import profile
+from adaptrain.profiling.bench import PRECISIONS, run_bench
+from adaptrain.profiling.profile import profile
 
 INPUT_SHAPE = (1, 40)  # MNIST-1D: one channel, 40 points
 NUM_CLASSES = 10

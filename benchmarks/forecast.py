@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from adaptrain.forecasting import ForecastError, forecast
+from adaptrain.tuning.forecasting import ForecastError, forecast
 
 FRACTIONS = (0.25, 0.5)
 LEVEL = 0.9
@@ -92,7 +92,7 @@ def report(rows: list[dict], seconds: float) -> str:
         f"(benchmarks/data/learning_curves.json, seeds {seeds}); mean absolute error (MAE) in accuracy (0-1 scale).",
         "All: every curve; a refused forecast (ForecastError) counts as the last seen value. Issued: only the",
         "curves where adaptrain issued a forecast, for both methods. Coverage: share of issued 90% intervals",
-        "that contain the true final value. adaptrain.forecasting.HORIZON_WIDEN (interval width) was set on seed 0;",
+        "that contain the true final value. adaptrain.tuning.forecasting.HORIZON_WIDEN (interval width) was set on seed 0;",
         "the seed-1 curves came later as a check (also seen while choosing the 1/error family weights: a soft holdout).",
         "",
         "| curves | seen | single power law MAE (all / issued) | adaptrain ensemble MAE (all / issued) | last value MAE "

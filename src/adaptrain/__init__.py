@@ -2,7 +2,7 @@
 
 from adaptrain.callbacks import Callback, CallbackError, EarlyStopping, ForecastCallback, ProgressBar
 from adaptrain.errors import BatchStructureError, ConfigError, MissingExtraError, NonFiniteLossError
-from adaptrain.events import (
+from adaptrain.core.events import (
     CancelBatchException,
     CancelEpochException,
     CancelFitException,
@@ -12,17 +12,17 @@ from adaptrain.events import (
 )
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
-from adaptrain.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, save_weights
-from adaptrain.config import load_config
-from adaptrain.forecasting import Forecast, ForecastError, forecast
-from adaptrain.history import History
+from adaptrain.checkpoint.io import CheckpointError, load_checkpoint, load_weights, save_checkpoint, save_weights
+from adaptrain.cli.config import load_config
+from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
+from adaptrain.core.history import History
 from adaptrain.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger
-from adaptrain.losses import MultiLoss
-from adaptrain.metrics import MetricError
-from adaptrain.profiling import ModelProfile, profile
-from adaptrain.bench import BenchTable, run_bench
-from adaptrain.state import TrainState, seed_everything
-from adaptrain.trainer import Trainer
+from adaptrain.core.losses import MultiLoss
+from adaptrain.core.metrics import MetricError
+from adaptrain.profiling.profile import ModelProfile, profile
+from adaptrain.profiling.bench import BenchTable, run_bench
+from adaptrain.core.state import TrainState, seed_everything
+from adaptrain.core.trainer import Trainer
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from torch import nn
 from adaptrain import Callback, ConfigError, Trainer
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
-from adaptrain.checkpoint import load_checkpoint
+from adaptrain.checkpoint.io import load_checkpoint
 from tests.common import data
 
 

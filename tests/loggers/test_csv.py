@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from adaptrain import Callback, ProgressBar, Trainer
 from adaptrain.loggers import CSVLogger, RunInfo
-from adaptrain.run_dir import RunDir
+from adaptrain.loggers.run_dir import RunDir
 from tests.cli_data import tiny_data
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from adaptrain import Callback, MissingExtraError, Trainer
-from adaptrain.cli import main
+from adaptrain.cli.main import main
 from adaptrain.loggers import CSVLogger, MLflowLogger, RunInfo
-from adaptrain.run_dir import create_run_dir
+from adaptrain.loggers.run_dir import create_run_dir
 from tests.cli_data import base_config, mlflow_store, tiny_data, write_config
 
 pytest.importorskip("mlflow")
@@ -58,7 +58,7 @@ def test_params_metrics_artifacts_and_system_metrics(tracking_uri, tmp_path):
     assert got.info.status == "FINISHED" and got.info.run_name == "r1"
     assert got.data.params == {"trainer.max_epochs": "2", "optimizer.init_args.lr": "0.1",
                                "trainer.gradient_clip_val": "null", "callbacks": "[]"}
-    assert got.data.tags["adaptrain.run_dir"] == str(run.path.resolve())
+    assert got.data.tags["adaptrain.loggers.run_dir"] == str(run.path.resolve())
     assert client.get_experiment(got.info.experiment_id).name == "mlflow-test"
     per_epoch = client.get_metric_history(logger.run_id, "val_loss")
     assert [(m.step, m.value) for m in per_epoch] == [(1, pytest.approx(history.records[0]["val_loss"])),
@@ -131,7 +131,7 @@ def test_missing_extra_names_the_install_command(tmp_path, capsys, monkeypatch):
 
 
 def test_import_adaptrain_does_not_import_mlflow_or_tensorboard():
-    code = ("import sys, adaptrain, adaptrain.cli, adaptrain.loggers, adaptrain.experiment; "
+    code = ("import sys, adaptrain, adaptrain.cli.main, adaptrain.loggers, adaptrain.cli.experiment; "
             "bad = [m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules]; "
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

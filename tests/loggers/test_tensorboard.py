@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adaptrain import MissingExtraError, Trainer
-from adaptrain.cli import main
+from adaptrain.cli.main import main
 from adaptrain.loggers import RunInfo, TensorBoardLogger
-from adaptrain.run_dir import RunDir
+from adaptrain.loggers.run_dir import RunDir
 from tests.cli_data import base_config, tiny_data, write_config
 
 pytest.importorskip("tensorboard")

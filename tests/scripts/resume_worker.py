@@ -27,11 +27,11 @@ from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR
 from torch.utils.data import DataLoader, TensorDataset
 
-import adaptrain.checkpoint
+import adaptrain.checkpoint.io
 from adaptrain import Callback, Trainer
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import TrainingInterrupted
-from adaptrain.checkpoint import save_weights
+from adaptrain.checkpoint.io import save_weights
 
 _channel: Any = None  # a multiprocessing Connection when run in a forked worker; None: print
 
@@ -68,7 +68,7 @@ def _slow_writes(delay: float) -> None:
             time.sleep(delay)
         seen[0] = written
 
-    adaptrain.checkpoint._write_hook = hook
+    adaptrain.checkpoint.io._write_hook = hook
 
 
 def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -7,20 +7,20 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.callbacks.base import Callback
+from adaptrain.core.callback import Callback
 from adaptrain.callbacks.early_stopping import missing_monitor_error
 from adaptrain.callbacks.signals import SignalHandler
-from adaptrain.checkpoint import link_atomic, save_checkpoint
+from adaptrain.checkpoint.io import link_atomic, save_checkpoint
 from adaptrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 LAST = "last.ckpt"
 
 
 class ModelCheckpoint(Callback):
-    """Writes everything a resume needs (see :mod:`adaptrain.checkpoint`), atomically.
+    """Writes everything a resume needs (see :mod:`adaptrain.checkpoint.io`), atomically.
 
     - Every ``every_n_epochs`` epochs (at the epoch's end, after validation) and/or every
       ``every_n_train_steps`` optimizer steps (right after the step: no accumulation window is

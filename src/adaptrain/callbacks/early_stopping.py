@@ -6,11 +6,11 @@ import difflib
 import math
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.callbacks.base import Callback
+from adaptrain.core.callback import Callback
 from adaptrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:

@@ -6,12 +6,12 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.callbacks.base import Callback
+from adaptrain.core.callback import Callback
 from adaptrain.callbacks.early_stopping import missing_monitor_error
-from adaptrain.forecasting import Forecast, ForecastError, forecast
+from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 
 def hopeless(fc: Forecast, stop_if_below: float | None = None, stop_if_above: float | None = None) -> str | None:

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from adaptrain.callbacks.base import Callback
+from adaptrain.core.callback import Callback
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 _SKIP = {"epoch", "epoch_time", "samples_per_s"}
 

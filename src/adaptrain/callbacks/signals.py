@@ -35,12 +35,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.callbacks.base import Callback
+from adaptrain.core.callback import Callback
 from adaptrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from adaptrain.callbacks.checkpointing import ModelCheckpoint
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 
 class TrainingInterrupted(SystemExit):

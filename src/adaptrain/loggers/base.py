@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from adaptrain import distributed
-from adaptrain.callbacks.base import Callback
-from adaptrain.run_dir import RunDir, default_run_name
+from adaptrain.distributed import env as distributed
+from adaptrain.core.callback import Callback
+from adaptrain.loggers.run_dir import RunDir, default_run_name
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 
 @dataclass

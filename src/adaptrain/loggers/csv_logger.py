@@ -13,10 +13,10 @@ from typing import IO, TYPE_CHECKING, Any, Mapping
 
 from adaptrain.callbacks.progress import format_values
 from adaptrain.loggers.base import Logger, RunInfo
-from adaptrain.run_dir import RunDir
+from adaptrain.loggers.run_dir import RunDir
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 
 def epoch_line(record: Mapping[str, Any], max_epochs: int) -> str:

@@ -19,7 +19,7 @@ from adaptrain.errors import MissingExtraError
 from adaptrain.loggers.base import Logger, RunInfo, best_checkpoint
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_KEY = 250
@@ -107,7 +107,7 @@ class MLflowLogger(Logger):
         self.experiment_id = self._experiment_id(self.experiment or run.experiment, uri)
         tags = {"adaptrain.verb": run.verb, **self.tags}
         if run.run_dir is not None:
-            tags["adaptrain.run_dir"] = str(run.run_dir.path.resolve())
+            tags["adaptrain.loggers.run_dir"] = str(run.run_dir.path.resolve())
         created = self.client.create_run(self.experiment_id, run_name=self.run_name or run.run_name, tags=tags)
         self.run_id = created.info.run_id
         params = [Param(key[:_MAX_KEY], _param_value(value)) for key, value in run.params.items()]

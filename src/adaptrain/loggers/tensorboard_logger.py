@@ -13,7 +13,7 @@ from adaptrain.errors import MissingExtraError
 from adaptrain.loggers.base import Logger, RunInfo, numeric
 
 if TYPE_CHECKING:
-    from adaptrain.trainer import Trainer
+    from adaptrain.core.trainer import Trainer
 
 
 def _require_tensorboard() -> None:

@@ -1,0 +1,1 @@
+"""Callbacks that change training (batch size, loader settings, validation schedule); each says what it changes."""

@@ -1,0 +1,1 @@
+"""The ``adaptrain`` command: YAML configs -> validated objects -> a run folder -> a verb."""

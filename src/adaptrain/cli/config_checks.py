@@ -1,0 +1,149 @@
+"""Config checks: OmegaConf's errors re-worded as one line, and the checks its types cannot express.
+
+Every message names the key, what it is, and what was expected (with a close match for typos),
+in the house style: ``run.yaml: trainer.precision is "fp8"; expected one of "32", ...``.
+
+Example:
+    >>> check_values({"trainer": {"precision": "fp8"}}, lambda key: "run.yaml")
+    Traceback (most recent call last):
+    ...
+    adaptrain.errors.ConfigError: run.yaml: trainer.precision is "fp8"; expected one of "32", "16-mixed", "bf16-mixed".
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigIndexError, ConfigKeyError, OmegaConfBaseException
+
+from adaptrain.errors import ConfigError
+from adaptrain.core.precision import PRECISIONS
+from adaptrain.loggers.run_dir import check_name
+
+SECTIONS = ("model", "data", "optimizer", "scheduler", "criterion", "trainer")  # typed by the schema
+SPEC_KEYS = ("class_path", "init_args")
+
+
+def translate(error: OmegaConfBaseException, config: DictConfig, source: str, value: Any,
+              key: str | None = None) -> ConfigError:
+    """OmegaConf's error -> one line: the key, what it is, what was expected (and a close match)."""
+    if isinstance(error, ConfigIndexError) and key:
+        parts = key.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+        name = ".".join(parts[:at])
+        return ConfigError(key, f"does not exist: {name} has no entry {parts[at]}; set the whole list instead, "
+                           f"e.g. {name}=[{{class_path: ..., init_args: {{...}}}}].", source)
+    key = getattr(error, "full_key", None) or key or "(config)"
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(config, parent_key, default=None) if parent_key else config
+    if isinstance(error, (ConfigKeyError, AttributeError)) and isinstance(parent, DictConfig):
+        keys = [str(k) for k in parent.keys()]
+        close = difflib.get_close_matches(name, keys, n=1, cutoff=0.5)
+        hint = f'did you mean "{parent_key + "." if parent_key else ""}{close[0]}"? ' if close else ""
+        return ConfigError(key, f"is not a known key; {hint}Expected one of: {', '.join(keys)}.", source)
+    expected = _expected_type(parent, name) or _EXPECTED.get(name)
+    if expected is not None:
+        return ConfigError(key, f"is {show(value)}; expected {expected}.", source)
+    return ConfigError(key, f"is {show(value)}; {error.msg.splitlines()[0]}", source)
+
+
+def _expected_type(parent: Any, name: str) -> str | None:
+    if not isinstance(parent, DictConfig):
+        return None
+    if name in SECTIONS and "trainer" in parent and "callbacks" in parent:  # a whole top-level section
+        return expected_spec(name)
+    try:
+        node = parent._get_node(name)
+    except Exception:  # noqa: BLE001 - unknown child: no type to describe
+        return None
+    return {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
+            "StringNode": "a string"}.get(type(node).__name__)
+
+
+_EXPECTED = {  # containers whose type OmegaConf reports only as "incompatible container types"
+    "metrics": "a mapping of name -> {class_path, init_args} (or output -> {name -> spec})",
+    "callbacks": "a list of {class_path, init_args} mappings",
+    "init_args": "a mapping of argument -> value",
+}
+
+
+def expected_spec(section: str) -> str:
+    if section == "trainer":
+        return "a mapping of Trainer arguments (max_epochs, precision, ...)"
+    example = {"model": "adaptrain.models.MLP", "data": "adaptrain.datasets.digits"}.get(section, "package.module.Class")
+    return f"a mapping with class_path (an import path like {example}) and init_args"
+
+
+def show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "null"
+    if isinstance(value, (DictConfig, Mapping)):
+        return "a mapping"
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return "a list"
+    return repr(value)
+
+
+def check_values(config: dict[str, Any], source_of: Callable[[str], str]) -> None:
+    """Checks OmegaConf's types cannot express: choices, ranges, names, and the spec shapes."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(key, message, source_of(key))
+
+    trainer = config["trainer"]
+    if trainer["precision"] not in PRECISIONS:
+        fail("trainer.precision", f'is {show(trainer["precision"])}; expected one of '
+             + ", ".join(f'"{p}"' for p in PRECISIONS) + ".")
+    if trainer["nan_policy"] not in ("raise", "skip"):
+        fail("trainer.nan_policy", f'is {show(trainer["nan_policy"])}; expected "raise" or "skip".')
+    for name in ("max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
+        if trainer[name] < 1:
+            fail(f"trainer.{name}", f"is {trainer[name]}; expected an integer >= 1.")
+    if trainer["gradient_clip_val"] is not None and trainer["gradient_clip_val"] <= 0:
+        fail("trainer.gradient_clip_val", f"is {trainer['gradient_clip_val']}; expected a positive number or null.")
+    data = config["data"]
+    for name, low in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+        if data[name] is not None and data[name] < low:
+            fail(f"data.{name}", f"is {data[name]}; expected an integer >= {low}.")
+    scheduler = config["scheduler"]
+    if scheduler is not None and scheduler["interval"] not in (None, "step", "epoch"):
+        fail("scheduler.interval", f'is {show(scheduler["interval"])}; expected "step", "epoch" or null.')
+    for name in ("experiment", "run_name"):
+        reason = config[name] is not None and check_name(str(config[name]))
+        if reason:
+            fail(name, f'is {show(config[name])}, which {reason}; it names a folder under root_dir.')
+    for section in ("model", "data", "optimizer", "criterion", "scheduler"):
+        if config[section] is not None:
+            check_spec(config[section], section, fail, extra=tuple(config[section].keys()))
+    for name, spec in config["metrics"].items():
+        if isinstance(spec, Mapping) and "class_path" not in spec:  # output key -> {name: spec}
+            for sub_name, sub_spec in spec.items():
+                check_spec(sub_spec, f"metrics.{name}.{sub_name}", fail)
+        else:
+            check_spec(spec, f"metrics.{name}", fail)
+    for index, spec in enumerate(config["callbacks"]):
+        check_spec(spec, f"callbacks.{index}", fail)
+    loggers = config["loggers"]
+    if loggers is not None and not isinstance(loggers, (list, Mapping)):
+        fail("loggers", f"is {show(loggers)}; expected a list (names or class_path specs) or a mapping "
+             "of name -> options, e.g. {mlflow: {}, tensorboard: {}}.")
+
+
+def check_spec(spec: Any, key: str, fail: Any, extra: Sequence[str] = ()) -> None:
+    """``spec`` must be a mapping with a non-empty ``class_path`` string and a mapping ``init_args``."""
+    if not isinstance(spec, Mapping):
+        fail(key, f"is {show(spec)}; expected a mapping with class_path and init_args.")
+    unknown = [k for k in spec if k not in SPEC_KEYS and k not in extra]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1, cutoff=0.5)
+        hint = f'did you mean "{key}.{close[0]}"? ' if close else ""
+        fail(f"{key}.{unknown[0]}", f"is not a known key; {hint}Expected one of: class_path, init_args.")
+    if not isinstance(spec.get("class_path"), str) or not spec["class_path"].strip():
+        fail(f"{key}.class_path", f"is {show(spec.get('class_path'))}; expected an import path like "
+             "package.module.Class.")
+    if spec.get("init_args") is not None and not isinstance(spec["init_args"], Mapping):
+        fail(f"{key}.init_args", f"is {show(spec['init_args'])}; expected a mapping of argument -> value.")

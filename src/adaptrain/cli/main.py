@@ -1,0 +1,253 @@
+"""The ``adaptrain`` command: run experiments from YAML configs, with ``key.sub=value`` overrides.
+
+    adaptrain fit      --config run.yaml [trainer.max_epochs=3 optimizer.init_args.lr=0.01 ...]
+    adaptrain validate --config run.yaml ckpt_path=runs/exp/run/checkpoints/last.ckpt
+    adaptrain test | predict (same as validate), and --print-config to see the resolved config
+    adaptrain profile  --config run.yaml            params, FLOPs, latency, memory of the model
+    adaptrain bench    --config run.yaml --batch-sizes 16,32,64 --precisions 32,16-mixed,bf16-mixed
+    adaptrain forecast runs/exp/run --metric val_acc --at 50
+
+Everything is imported, checked and built before the run folder is created: a bad config exits
+with code 2 and one line naming the key, the file and what was expected, and writes nothing.
+Exit codes: 0 done, 1 the run failed, 2 bad config or arguments, 130 interrupted.
+
+Example:
+    >>> main(["fit", "--config", "no-such.yaml"])
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from adaptrain.core.batching import describe, split_batch
+from adaptrain.callbacks.progress import format_values
+from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
+from adaptrain.errors import ConfigError, MissingExtraError
+from adaptrain.checkpoint.io import CheckpointError
+from adaptrain.cli.experiment import Built, build, first_loader, open_run
+from adaptrain.cli.instantiate import instantiate
+from adaptrain.loggers.base import Logger
+from adaptrain.core.losses import split_loss
+from adaptrain.loggers.run_dir import RunDir
+
+_RUN_VERBS = ("fit", "validate", "test", "predict")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may come before and after options: argparse leaves the later ones over.
+        unknown = [item for item in extra if item.startswith("-") or not hasattr(args, "overrides")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
+    except SystemExit as exit_:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(exit_.code or 0)
+    if os.getcwd() not in sys.path:  # class_path may name a module in the current folder, as `python -m` allows
+        sys.path.insert(0, os.getcwd())
+    try:
+        return args.run(args)
+    except (ConfigError, MissingExtraError, CheckpointError) as error:
+        print(f"adaptrain: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adaptrain: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # e.g. a checkpoint saved on SIGTERM: 128 + the signal number
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptrain", description="Train PyTorch models from YAML configs.",
+        epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 optimizer.init_args.lr=0.01")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{fit,validate,test,predict,profile,bench,forecast}")
+    config_args = argparse.ArgumentParser(add_help=False)
+    config_args.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
+                             help="YAML config; repeat to merge several (later files win)")
+    config_args.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    config_args.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    helps = {"fit": "train, validating every epoch", "validate": "evaluate on the val loader",
+             "test": "evaluate on the test loader", "predict": "save model outputs to predictions.pt"}
+    for verb in _RUN_VERBS:
+        verbs.add_parser(verb, parents=[config_args], help=helps[verb]).set_defaults(run=_run_verb)
+    prof = verbs.add_parser("profile", parents=[config_args], help="params, FLOPs, latency and memory of the model")
+    prof.add_argument("--warmup", type=int, default=10)
+    prof.add_argument("--runs", type=int, default=50)
+    prof.add_argument("--json", metavar="FILE", help="also write the profile as JSON")
+    prof.set_defaults(run=_profile)
+    bench = verbs.add_parser("bench", parents=[config_args], help="time training steps per precision x batch size")
+    bench.add_argument("--precisions", nargs="+", type=_comma_list(str), default=[["32", "16-mixed", "bf16-mixed"]],
+                       help="e.g. 32,16-mixed,bf16-mixed (commas or spaces)")
+    bench.add_argument("--batch-sizes", nargs="+", type=_comma_list(int), default=[[16, 32, 64]],
+                       help="e.g. 16,32,64 (commas or spaces)")
+    bench.add_argument("--compile", action="store_true", help="also wrap the model in torch.compile")
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--csv", metavar="FILE")
+    bench.add_argument("--markdown", metavar="FILE")
+    bench.set_defaults(run=_bench)
+    fc = verbs.add_parser("forecast", help="forecast a metric of a run at a later epoch")
+    fc.add_argument("history", help="a run folder or its history.csv")
+    fc.add_argument("--metric", required=True, help="a column of history.csv, e.g. val_acc")
+    fc.add_argument("--at", type=float, required=True, help="the epoch to forecast")
+    fc.add_argument("--mode", choices=["min", "max"], help="default: min for losses, else max")
+    fc.add_argument("--plot", metavar="PNG", help="also plot the fits and the interval")
+    fc.set_defaults(run=_forecast)
+    return parser
+
+
+# ---------------------------------------------------------------------- verbs
+def _load(args: argparse.Namespace) -> dict[str, Any] | None:
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return None
+    return config
+
+
+def _run_verb(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 0
+    built = build(config, args.verb)
+    run = open_run(built, args.verb)
+    trainer, loaders = built.trainer, built.loaders
+    say = trainer.print
+    if run is not None:
+        say(f"run folder: {run.path}  (seed {config['trainer']['seed']})")
+    if args.verb != "fit" and config["ckpt_path"] is None:
+        say(f"note: no ckpt_path given: {args.verb} uses the model's initial weights "
+            "(pass ckpt_path=runs/<experiment>/<run>/checkpoints/<file>).")
+    if args.verb == "fit":
+        trainer.fit(loaders.train, loaders.val, ckpt_path=config["ckpt_path"])
+    else:
+        _evaluate(built, args.verb, run)
+    for logger in built.loggers:
+        where = _where(logger)
+        if where:
+            say(where)
+    return 0
+
+
+def _evaluate(built: Built, verb: str, run: RunDir | None) -> None:
+    """validate / test / predict, with the loggers opened and closed around it."""
+    trainer, loaders = built.trainer, built.loaders
+    loggers = sorted((lg for lg in built.loggers if isinstance(lg, Logger)), key=lambda lg: lg.order)
+    for logger in loggers:
+        logger.start(trainer)
+    status = "FAILED"
+    try:
+        if verb == "predict":
+            outputs = trainer.predict(first_loader(loaders.predict, loaders.test, loaders.val))
+            if run is not None:
+                torch.save(outputs, run.path / "predictions.pt")
+            trainer.print(f"predictions: {describe(outputs)} -> {run.path / 'predictions.pt' if run else '(not saved)'}")
+        else:
+            results = getattr(trainer, verb)(getattr(loaders, "val" if verb == "validate" else "test"))
+            for logger in loggers:
+                logger.log_results(verb, results)
+            trainer.print(f"{verb}: {format_values(results)}")
+        status = "FINISHED"
+    finally:
+        for logger in loggers:
+            logger.finish(status)
+
+
+def _where(logger: Any) -> str | None:
+    if getattr(logger, "run_id", None):
+        return f"mlflow: run {logger.run_id} in {logger.client.tracking_uri}"
+    if getattr(logger, "writer", None) is not None:
+        return f"tensorboard: tensorboard --logdir {logger.log_dir}"
+    return None
+
+
+def _profile(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 0
+    from adaptrain.profiling.profile import profile  # imported here: only this verb pays for it
+    built = build(config, "profile")
+    inputs, _ = split_batch(next(iter(built.loaders.train)), "train_loader")
+    result = profile(built.trainer.model, example_inputs=inputs, device=built.trainer.device,
+                     warmup=args.warmup, runs=args.runs)
+    result.print()
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+    return 0
+
+
+def _comma_list(kind: type) -> Any:
+    """An argparse type: "16,32" -> [16, 32] (so both "16,32" and "16 32" work)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} values separated by commas; received {text!r}")
+    return parse
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 0
+    from torch.utils.data import DataLoader
+
+    from adaptrain.profiling.bench import run_bench
+    built = build(config, "bench")
+    train = built.loaders.train
+    if not isinstance(train, DataLoader):
+        raise ConfigError("data.class_path", "gives a train loader that is not a torch DataLoader; "
+                          "`adaptrain bench` re-batches its data set at each batch size.")
+
+    def make_batch(batch_size: int) -> tuple[Any, Any]:
+        loader = DataLoader(train.dataset, batch_size=batch_size, collate_fn=train.collate_fn)
+        return split_batch(next(iter(loader)), "train_loader")
+
+    criterion = built.trainer.criterion
+    precisions = [p for group in args.precisions for p in group]
+    batch_sizes = [b for group in args.batch_sizes for b in group]
+    table = run_bench(lambda: instantiate(config["model"], "model"), make_batch, precisions=precisions,
+                      batch_sizes=batch_sizes, device=built.trainer.device,
+                      compile=args.compile or config["trainer"]["compile"],
+                      steps=args.steps, warmup=args.warmup, criterion=lambda out, tgt: split_loss(criterion(out, tgt))[0],
+                      optimizer_factory=lambda params: instantiate(config["optimizer"], "optimizer", params))
+    run = open_run(built, "bench")  # only once the table exists: a failed bench leaves nothing behind
+    markdown = args.markdown or (run.path / "bench.md" if run else None)
+    csv_path = args.csv or (run.path / "bench.csv" if run else None)
+    print(table.to_markdown(markdown), end="")
+    if csv_path:
+        table.to_csv(csv_path)
+        print(f"written: {markdown}, {csv_path}")
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    from adaptrain.tuning.forecasting import ForecastError, forecast_history_file
+
+    path = Path(args.history)
+    path = path / "history.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError("history", f'is "{args.history}"; expected a run folder or its history.csv.', COMMAND_LINE)
+    try:
+        fc = forecast_history_file(path, args.metric, args.at, mode=args.mode, plot=args.plot)
+    except ForecastError as error:
+        print(f"adaptrain: {error}", file=sys.stderr)
+        return 1
+    print(f"{fc.metric} at epoch {fc.at:g}: {fc.value:.4g}  ({fc.level:.0%} interval {fc.low:.4g} .. {fc.high:.4g}; "
+          f"fitted on epochs {fc.segment_start:g}-{fc.epochs[-1]:g})")
+    for name, fit in sorted(fc.families.items(), key=lambda kv: -kv[1].weight):
+        print(f"  {name:<15} weight {fit.weight:.2f}  predicts {fit.prediction:.4g}")
+    for note in fc.notes:
+        print(f"  note: {note}")
+    return 0

@@ -1,0 +1,173 @@
+"""Metrics accumulated on the device and read only when asked (at refresh points and epoch end).
+
+torchmetrics ``Metric`` objects use their own update/compute/reset. Plain callables
+``fn(outputs, targets) -> tensor`` return a batch mean; they are weighted by batch size, so the
+epoch value is exact even when the last batch is smaller.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Mapping
+
+import torch
+
+from adaptrain.core.batching import describe, select
+
+
+class MetricError(RuntimeError):
+    """A metric raised; names the metric and the shapes it was given."""
+
+
+class WeightedMean:
+    """A sample-weighted mean of per-batch values that costs no device work per step.
+
+    ``update`` only keeps a reference to the (detached) batch value; :meth:`flush` folds the
+    pending values into the total with one stack, one multiply and one sum, at refresh points.
+    Each value may carry a ``tag`` (the batch index), so :meth:`flush` can say where the first
+    NaN/Inf was, exactly, without a per-step check.
+
+    Example:
+        >>> mean = WeightedMean()
+        >>> mean.update(torch.tensor(1.0), 3); mean.update(torch.tensor(3.0), 1)
+        >>> mean.compute()
+        1.5
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self._values: list[torch.Tensor] = []
+        self._weights: list[int] = []
+        self._tags: list[int] = []
+
+    def update(self, value: torch.Tensor, weight: int, tag: int = -1) -> None:
+        self._values.append(value.detach())
+        self._weights.append(weight)
+        self._tags.append(tag)
+        self.count += weight
+
+    def flush(self, find_nonfinite: bool = False) -> int | None:
+        """Fold pending values into the total; with ``find_nonfinite``, return the tag of the first
+        non-finite value (a host-device sync), else None."""
+        if not self._values:
+            return None
+        values = torch.stack([v.reshape(()) for v in self._values]).float()
+        weights = torch.tensor(self._weights, dtype=torch.float32).to(values.device, non_blocking=True)
+        folded = (values * weights).sum()
+        self.total = folded if self.total is None else self.total + folded
+        bad_tag = None
+        if find_nonfinite:
+            finite = torch.isfinite(values)
+            if not bool(finite.all()):
+                bad_tag = self._tags[int((~finite).nonzero()[0])]
+        self._values, self._weights, self._tags = [], [], []
+        return bad_tag
+
+    def compute(self) -> float | None:
+        self.flush()
+        if self.total is None or self.count == 0:
+            return None
+        return float(self.total) / self.count  # a host-device sync point
+
+    def reset(self) -> None:
+        self.total, self.count = None, 0
+        self._values, self._weights, self._tags = [], [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        # Pending values are saved as they are, not folded: folding at another point than the
+        # uninterrupted run would round differently, and a resumed run must match it exactly.
+        pending = torch.stack([v.reshape(()) for v in self._values]).float() if self._values else None
+        return {"total": self.total, "count": self.count, "pending": pending,
+                "weights": list(self._weights), "tags": list(self._tags)}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        def to_device(value: Any) -> Any:
+            return value.to(device) if isinstance(value, torch.Tensor) and device is not None else value
+
+        self.reset()
+        self.total, self.count = to_device(state["total"]), int(state["count"])
+        if state.get("pending") is not None:
+            self._values = list(to_device(state["pending"]).unbind())
+            self._weights, self._tags = list(state["weights"]), list(state["tags"])
+
+
+class MetricSet:
+    """The metrics of one phase (train or val), each a copy of the user's object.
+
+    ``metrics`` maps name -> metric, or output key -> {name: metric} for one output of a
+    multi-output model (recorded as ``<output>_<name>``).
+    """
+
+    def __init__(self, metrics: Mapping[str, Any] | None, device: torch.device) -> None:
+        self.device = device
+        self.entries: list[tuple[str, Any, Any]] = []  # (name, metric or callable, output key)
+        self.means: dict[str, WeightedMean] = {}
+        for name, metric in (metrics or {}).items():
+            if isinstance(metric, Mapping):
+                for sub_name, sub_metric in metric.items():
+                    self._add(f"{name}_{sub_name}", sub_metric, name, device)
+            else:
+                self._add(str(name), metric, None, device)
+
+    def _add(self, name: str, metric: Any, output_key: Any, device: torch.device) -> None:
+        if _is_torchmetric(metric):
+            metric = copy.deepcopy(metric).to(device)
+            metric.reset()
+        elif callable(metric):
+            self.means[name] = WeightedMean()
+        else:
+            raise TypeError(
+                f"metrics[{name!r}]: expected a torchmetrics.Metric or a callable fn(outputs, targets); "
+                f"received {type(metric).__name__}."
+            )
+        self.entries.append((name, metric, output_key))
+
+    def update(self, outputs: Any, targets: Any, batch_size: int) -> None:
+        for name, metric, key in self.entries:
+            preds, target = select(outputs, key), select(targets, key)
+            try:
+                if _is_torchmetric(metric):
+                    metric.update(_detach(preds), _detach(target))
+                else:
+                    value = metric(_detach(preds), _detach(target))
+                    self.means[name].update(torch.as_tensor(value, device=self.device), batch_size)
+            except Exception as error:
+                raise MetricError(
+                    f"metric {name!r} ({_name_of(metric)}) raised {type(error).__name__}: {error} "
+                    f"(outputs {describe(preds)}, targets {describe(target)})"
+                ) from error
+
+    def compute(self) -> dict[str, float]:
+        """Current values (a sync point); metrics with no update yet are left out."""
+        values: dict[str, float] = {}
+        for name, metric, _ in self.entries:
+            if _is_torchmetric(metric):
+                if metric.update_count:
+                    values[name] = float(metric.compute())
+            else:
+                value = self.means[name].compute()
+                if value is not None:
+                    values[name] = value
+        return values
+
+    def reset(self) -> None:
+        for name, metric, _ in self.entries:
+            (metric if _is_torchmetric(metric) else self.means[name]).reset()
+
+
+def _is_torchmetric(obj: Any) -> bool:
+    # torchmetrics takes over a second to import; a Metric object means the user imported it already.
+    torchmetrics = sys.modules.get("torchmetrics")
+    return torchmetrics is not None and isinstance(obj, torchmetrics.Metric)
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    return obj
+
+
+def _name_of(metric: Any) -> str:
+    return getattr(metric, "__name__", type(metric).__name__)

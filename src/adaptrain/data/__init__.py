@@ -1,0 +1,1 @@
+"""Loaders the trainer can rebuild with changes, and the loader state exact resume needs."""

@@ -1,0 +1,1 @@
+"""Measuring a model: FLOPs, latency and memory (``profile``) and the precision x batch-size table (``run_bench``)."""

@@ -1,0 +1,287 @@
+"""The adaptrain command line, run in-process through ``main(argv)`` (one real subprocess at the end)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adaptrain.cli.main import main
+from tests.cli_data import base_config, tiny_datasets, write_config
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("*/*") if p.is_dir()) if root.exists() else []
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    return write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs"))
+
+
+# ---------------------------------------------------------------------- bad configs
+def _patch(**changes):
+    """A config edit: dotted key -> new value (None deletes the key)."""
+    def apply(config):
+        for dotted, value in changes.items():
+            *parents, last = dotted.split(".")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            if value is None:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        return config
+    return apply
+
+
+BAD_CONFIGS = [  # id, edit of the base config (or raw YAML text), overrides, what the message must name
+    ("file-not-found", "MISSING", [], "--config"),
+    ("yaml-syntax", "model: {class_path: torch.nn.Linear\ndata: [1, 2\n", [], "line 2"),
+    ("top-level-list", "- model\n- data\n", [], "(top level)"),
+    ("unknown-top-level-key", _patch(modle={"class_path": "x"}), [], 'modle is not a known key; did you mean "model"'),
+    ("unknown-trainer-key", None, ["trainer.max_epocs=3"], 'did you mean "trainer.max_epochs"'),
+    ("wrong-type-override", None, ["trainer.max_epochs=abc"], 'trainer.max_epochs is "abc"; expected an integer'),
+    ("wrong-type-in-file", _patch(**{"trainer.gradient_clip_val": "big"}), [], "trainer.gradient_clip_val"),
+    ("wrong-bool", None, ["trainer.compile=maybe"], "trainer.compile"),
+    ("bad-choice", None, ["trainer.precision=fp8"], "trainer.precision"),
+    ("out-of-range", None, ["trainer.max_epochs=0"], "trainer.max_epochs is 0; expected an integer >= 1"),
+    ("override-without-equals", None, ["trainer.max_epochs"], '"trainer.max_epochs" is not an override'),
+    ("missing-model", _patch(model=None), [], "model is missing"),
+    ("section-not-a-mapping", _patch(model="torch.nn.Linear"), [], "model is"),
+    ("missing-class-path", _patch(**{"model.class_path": None}), [], "model.class_path is missing"),
+    ("unimportable-module", None, ["model.class_path=no_such_pkg.Net"], 'no module named "no_such_pkg"'),
+    ("attribute-typo", None, ["model.class_path=adaptrain.models.MNIST1DCnn"], '"adaptrain.models.MNIST1DCNN"'),
+    ("unknown-init-arg", None, ["model.init_args.in_feature=8"], 'model.init_args.in_feature is not an argument of torch.nn.Linear; did you mean "in_features"'),
+    ("missing-init-arg", _patch(**{"model.init_args": {"in_features": 8}}), [], "model.init_args misses out_features"),
+    ("constructor-raises", None, ["model.init_args.out_features=-3"], "model could not be built"),
+    ("args-of-another-class", None, ["model.class_path=torch.optim.SGD"], "model.init_args.in_features is not an argument of torch.optim.SGD"),
+    ("built-wrong-type", None, ["model.class_path=collections.OrderedDict", "model.init_args={}"], "model.class_path built a OrderedDict; expected a torch.nn.Module"),
+    ("optimizer-unknown-arg", None, ["optimizer.init_args.learning_rate=0.1"], "optimizer.init_args.learning_rate"),
+    ("scheduler-missing-arg", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR"], "scheduler.init_args misses step_size"),
+    ("scheduler-interval", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR", "scheduler.init_args.step_size=1",
+                                  "scheduler.interval=sometimes"], "scheduler.interval"),
+    ("callback-not-a-callback", _patch(callbacks=[{"class_path": "torch.nn.ReLU"}]), [], "callbacks.0.class_path built a ReLU"),
+    ("callback-bad-arg", _patch(callbacks=[{"class_path": "adaptrain.EarlyStopping", "init_args": {"patience": 0}}]), [],
+     "callbacks.0 could not be built"),
+    ("metric-bad-path", None, ["metrics.acc.class_path=torchmetrics.Acuracy"], "metrics.acc.class_path"),
+    ("criterion-nested-typo", _patch(criterion={"class_path": "adaptrain.MultiLoss", "init_args": {
+        "losses": {"a": {"class_path": "torch.nn.CrossEntropyLos"}}}}), [], "criterion.init_args.losses.a.class_path"),
+    ("unknown-logger", None, ["loggers.mlfow={}"], 'loggers.mlfow names no logger; did you mean "mlflow"'),
+    ("logger-option-typo", None, ["loggers.mlflow.tracking_url=x"], 'loggers.mlflow.tracking_url is not an argument'),
+    ("data-batch-size-range", None, ["data.batch_size=0"], "data.batch_size is 0"),
+    ("data-option-unused", None, ["data.batch_size=4"], "data.batch_size is set"),
+    ("env-var-missing", _patch(root_dir="${oc.env:ADAPTRAIN_SURELY_UNSET_VAR}"), [], "root_dir could not be resolved"),
+    ("ckpt-not-found", None, ["ckpt_path=nowhere.ckpt"], "ckpt_path"),
+    ("experiment-not-a-folder-name", None, ["experiment=../escape"], "experiment"),
+    ("init-arg-wrong-type", None, ["model.init_args.bias=1"], "model.init_args.bias is 1; torch.nn.Linear expects bool"),
+    ("class-path-is-a-module", None, ["data.class_path=torch.nn"], 'data.class_path is "torch.nn", a module'),
+    ("metrics-not-a-mapping", None, ["metrics=[1]"], "metrics is a list; expected a mapping"),
+    ("list-entry-missing", None, ["callbacks.0.init_args.patience=1"], "callbacks has no entry 0"),
+    ("device-unavailable", None, ["trainer.device=cuda:7"] if not torch.cuda.is_available() else ["trainer.device=tpu"],
+     "trainer.device"),
+]
+
+
+@pytest.mark.parametrize("edit, overrides, expected", [case[1:] for case in BAD_CONFIGS],
+                         ids=[case[0] for case in BAD_CONFIGS])
+def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys, edit, overrides, expected):
+    root = tmp_path / "runs"
+    path = tmp_path / "run.yaml"
+    if edit == "MISSING":
+        path = tmp_path / "missing.yaml"
+    elif isinstance(edit, str):
+        write_config(path, edit)
+    else:
+        write_config(path, (edit or (lambda c: c))(base_config(root)))
+    code, out, err = run(["fit", "--config", path, *overrides], capsys)
+    assert code == 2, err
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1, err  # one line
+    assert err.startswith("adaptrain: error: ")
+    assert not root.exists() and not (tmp_path / "mlflow.db").exists()  # nothing written
+
+
+def test_at_least_twenty_bad_configs():
+    assert len(BAD_CONFIGS) >= 20
+
+
+def test_error_names_the_file_it_came_from(tmp_path, capsys):
+    path = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", model={
+        "class_path": "torch.nn.Linear", "init_args": {"in_features": 8, "out_feature": 3}}))
+    code, _, err = run(["fit", "--config", path], capsys)
+    assert code == 2 and f"{path}: model.init_args.out_feature is not an argument" in err
+
+
+def test_bad_usage_exits_2(config_file, capsys):
+    assert run(["tune", "--config", config_file], capsys)[0] == 2  # on the roadmap, not a verb yet
+    assert run(["fit"], capsys)[0] == 2  # --config is required
+    assert run(["fit", "--config", config_file, "--no-such-flag"], capsys)[0] == 2
+
+
+# ---------------------------------------------------------------------- runs
+def test_fit_writes_the_run_folder(config_file, tmp_path, capsys):
+    code, out, err = run(["fit", "--config", config_file, "trainer.max_epochs=3", "run_name=first"], capsys)
+    assert code == 0, err
+    folder = tmp_path / "runs" / "tiny" / "first"
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "history.csv", "history.json", "history.png", "train.log"}
+    rows = list(csv.DictReader(open(folder / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and "val_acc" in rows[0]
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["trainer"]["max_epochs"] == 3 and saved["run_name"] == "first"
+    log = (folder / "train.log").read_text().splitlines()
+    assert "start fit: experiment tiny, run first" in log[0] and "end (finished): 3 epochs" in log[-1]
+    assert f"run folder: {folder}" in out
+
+
+def test_train_log_has_the_progress_bar_lines(config_file, tmp_path, capsys):
+    code, out, _ = run(["fit", "--config", config_file, "trainer.progress=true", "run_name=bar"], capsys)
+    assert code == 0
+    printed = [line for line in out.splitlines() if line.startswith("epoch ")]  # stdout is not a TTY here
+    logged = [line for line in (tmp_path / "runs/tiny/bar/train.log").read_text().splitlines() if line.startswith("epoch ")]
+    assert printed == logged and len(logged) == 2
+
+
+def test_saved_config_reproduces_the_run(config_file, tmp_path, capsys):
+    config = base_config(tmp_path / "runs", data={"class_path": "tests.cli_data.tiny_dict", "batch_size": 8})
+    config["trainer"]["seed"] = None  # the CLI draws one and records it
+    write_config(config_file, config)
+    assert run(["fit", "--config", config_file, "run_name=orig"], capsys)[0] == 0
+    saved = tmp_path / "runs/tiny/orig/config.yaml"
+    assert isinstance(yaml.safe_load(saved.read_text())["trainer"]["seed"], int)
+    assert run(["fit", "--config", saved], capsys)[0] == 0
+    assert (tmp_path / "runs/tiny/orig-2").is_dir()  # same name: a new folder, the first is kept
+
+    def losses(name):
+        return [(r["train_loss"], r["val_loss"], r["val_acc"]) for r in csv.DictReader(open(tmp_path / f"runs/tiny/{name}/history.csv"))]
+    assert losses("orig") == losses("orig-2")
+
+
+def test_interrupted_run_exits_130_and_says_so(config_file, tmp_path, capsys):
+    code, _, err = run(["fit", "--config", config_file, "run_name=ctrl-c",
+                        "callbacks=[{class_path: tests.cli_data.InterruptAfterFirstEpoch}]"], capsys)
+    assert code == 130 and "interrupted" in err
+    log = (tmp_path / "runs/tiny/ctrl-c/train.log").read_text()
+    assert "end (killed): 1 epochs" in log
+    assert len((tmp_path / "runs/tiny/ctrl-c/history.csv").read_text().splitlines()) == 2  # header + epoch 1
+
+
+def test_print_config_prints_and_writes_nothing(config_file, tmp_path, capsys):
+    code, out, _ = run(["fit", "--config", config_file, "--print-config", "optimizer.init_args.lr=0.5"], capsys)
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["optimizer"]["init_args"]["lr"] == 0.5 and printed["criterion"]["class_path"] == "torch.nn.CrossEntropyLoss"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_may_follow_options(config_file, tmp_path, capsys):
+    code, out, _ = run(["fit", "trainer.max_epochs=1", "--config", config_file, "--print-config", "experiment=x"], capsys)
+    assert code == 0 and yaml.safe_load(out)["trainer"]["max_epochs"] == 1 and yaml.safe_load(out)["experiment"] == "x"
+
+
+def test_scheduler_section_becomes_a_factory(config_file, tmp_path, capsys):
+    code, _, err = run(["fit", "--config", config_file, "run_name=cycle", "scheduler.class_path=torch.optim.lr_scheduler.OneCycleLR",
+                        "scheduler.init_args.max_lr=0.5"], capsys)
+    assert code == 0, err  # total_steps filled in by the trainer
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "runs/tiny/cycle/history.csv"))]
+    assert lrs[0] > 0.2 and lrs[1] < lrs[0]  # max_lr 0.5 replaced SGD's 0.1, then annealing: stepped per batch
+
+
+def test_validate_test_predict_load_weights(config_file, tmp_path, capsys):
+    from adaptrain import Trainer
+    from adaptrain.checkpoint.io import save_weights
+
+    torch.manual_seed(3)
+    model = torch.nn.Linear(8, 3)
+    weights = save_weights(model, tmp_path / "model.safetensors")
+    expected = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                       progress=False).test(torch.utils.data.DataLoader(tiny_datasets()[2], batch_size=32))
+    code, out, err = run(["test", "--config", config_file, f"ckpt_path={weights}", "run_name=t"], capsys)
+    assert code == 0, err
+    results = yaml.safe_load((tmp_path / "runs/tiny/t/test.json").read_text())
+    assert results["test_loss"] == pytest.approx(expected["test_loss"])
+    assert "test: test_loss" in out
+    assert run(["validate", "--config", config_file, f"ckpt_path={weights}", "run_name=v"], capsys)[0] == 0
+    assert "val_loss" in yaml.safe_load((tmp_path / "runs/tiny/v/validate.json").read_text())
+    assert run(["predict", "--config", config_file, f"ckpt_path={weights}", "run_name=p"], capsys)[0] == 0
+    predictions = torch.load(tmp_path / "runs/tiny/p/predictions.pt")
+    assert predictions.shape == (32, 3) and torch.allclose(predictions, model(tiny_datasets()[2].tensors[0]), atol=1e-6)
+
+
+def test_fit_checkpoints_in_the_run_folder_then_test_from_them(config_file, tmp_path, capsys):
+    checkpoint = "callbacks=[{class_path: adaptrain.callbacks.checkpointing.ModelCheckpoint, init_args: {monitor: val_loss}}]"
+    assert run(["fit", "--config", config_file, "run_name=ck", checkpoint], capsys)[0] == 0
+    folder = tmp_path / "runs/tiny/ck/checkpoints"
+    best = [p for p in folder.glob("epoch=*.ckpt")]
+    assert len(best) == 1 and (folder / "last.ckpt").is_file()
+    saved = tmp_path / "runs/tiny/ck/config.yaml"
+    code, out, err = run(["test", "--config", saved, f"ckpt_path={best[0]}"], capsys)
+    assert code == 0, err
+    assert "note: no ckpt_path" not in out and (tmp_path / "runs/tiny/ck-test/test.json").is_file()
+    code, _, err = run(["fit", "--config", config_file, "ckpt_path=last"], capsys)
+    assert code == 2 and 'ckpt_path is "last"' in err
+
+
+def test_forecast_verb(tmp_path, capsys):
+    path = tmp_path / "history.csv"
+    rows = ["epoch,val_acc"] + [f"{e},{0.9 - 0.5 * e ** -0.8:.6f}" for e in range(1, 21)]
+    path.write_text("\n".join(rows) + "\n")
+    code, out, err = run(["forecast", tmp_path, "--metric", "val_acc", "--at", "50"], capsys)
+    assert code == 0, err
+    assert out.startswith("val_acc at epoch 50: ")
+    assert run(["forecast", tmp_path, "--metric", "val_acc", "--at", "50", "--mode", "min"], capsys)[0] == 1
+    code, _, err = run(["forecast", tmp_path / "nowhere", "--metric", "val_acc", "--at", "50"], capsys)
+    assert code == 2 and "history" in err
+
+
+def test_profile_and_bench_verbs(config_file, tmp_path, capsys):
+    code, out, err = run(["profile", "--config", config_file, "--runs", "2", "--warmup", "1",
+                          "--json", tmp_path / "profile.json"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "profile.json").is_file()
+    code, out, err = run(["bench", "--config", config_file, "--precisions", "32", "--batch-sizes", "4", "8",
+                          "--steps", "2", "--warmup", "1", "--csv", tmp_path / "bench.csv"], capsys)
+    assert code == 0, err
+    assert "| 32 | 8 |" in out and len((tmp_path / "bench.csv").read_text().splitlines()) == 3
+    # Commas work too, and without --csv/--markdown the table lands in a run folder.
+    code, out, err = run(["bench", "--config", config_file, "--precisions", "32,bf16-mixed", "--batch-sizes", "4,8",
+                          "--steps", "2", "--warmup", "1"], capsys)
+    assert code == 0, err
+    written = [p for p in (tmp_path / "runs").rglob("bench.csv")]
+    assert len(written) == 1 and len(written[0].read_text().splitlines()) == 5
+    assert "| bf16-mixed | 8 |" in written[0].with_name("bench.md").read_text()
+    code, _, err = run(["bench", "--config", config_file, "--batch-sizes", "4,x"], capsys)
+    assert code == 2 and "expected int values separated by commas" in err
+
+
+@pytest.mark.slow
+def test_console_script_in_a_subprocess(config_file, tmp_path):
+    script = Path(sys.executable).with_name("adaptrain")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "adaptrain.cli.main"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}  # tests.cli_data is importable
+    done = subprocess.run([*command, "fit", "--config", str(config_file), "run_name=sub", "trainer.max_epochs=1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "runs/tiny/sub/history.csv").is_file()
+    assert "run folder: " in done.stdout
+
+
+def test_fit_with_a_bad_checkpoint_writes_nothing(config_file, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    code, _, err = run(["fit", "--config", config_file, f"ckpt_path={bad}"], capsys)
+    assert code == 2 and "ckpt_path could not be loaded" in err and "is not a checkpoint or is corrupt" in err
+    assert run_folders(tmp_path / "runs") == []
