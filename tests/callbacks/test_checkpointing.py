@@ -242,3 +242,44 @@ def test_outside_the_main_thread_it_warns_and_trains(tmp_path):
     thread.start()
     thread.join()
     assert any("outside the main thread" in m for m in messages) and (tmp_path / "last.ckpt").is_file()
+
+
+class EpochEnds(Callback):
+    """Runs after ModelCheckpoint (order 90), like the loggers (95) and the progress bar (100)."""
+
+    order = 95
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self.steps: list[int] = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.steps.append(trainer.state.global_step)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self.epochs.append(trainer.state.epoch)
+
+
+class SignalDuringValidation(Callback):
+    def before_validate(self, trainer: Trainer) -> None:
+        if trainer.state.epoch == 1:  # the second epoch's validation
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_during_validation_reaches_every_after_epoch_before_fit_stops(tmp_path):
+    late = EpochEnds()
+    trainer = make_trainer([ModelCheckpoint(tmp_path), SignalDuringValidation(), late])
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(*loaders())
+    assert stop.value.code == 143
+    assert late.epochs == [1, 2]  # the callback after ModelCheckpoint saw the interrupted epoch's end too
+    assert len(trainer.state.history.records) == 2
+    assert load_checkpoint(tmp_path / "last.ckpt")["counters"]["epoch"] == 2
+
+
+def test_a_signal_mid_epoch_reaches_every_after_step_before_fit_stops(tmp_path):
+    late = EpochEnds()
+    trainer = make_trainer([ModelCheckpoint(tmp_path), SendSignal(3, signal.SIGTERM), late])
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(*loaders())
+    assert late.steps[-1] == stop.value.saved_step == 4  # signalled after batch 3: saved at the next step

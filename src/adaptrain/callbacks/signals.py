@@ -161,7 +161,7 @@ class SignalHandler(Callback):
         requeued = signum == getattr(signal, "SIGUSR1", None) and self.requeue and requeue_slurm_job()
         error = TrainingInterrupted(signum, path, self.received_step, trainer.state.global_step, requeued)
         trainer.print(str(error))
-        raise error
+        trainer.state.interrupt = error  # raised by the loop once every callback has seen this event
 
 
 def requeue_slurm_job() -> bool:

@@ -54,6 +54,9 @@ class TrainState:
     outputs: Any = None
     loss: torch.Tensor | None = None
     exception: BaseException | None = None
+    # Set by a callback (the signal handler) to stop fit: the loop raises it after every callback has
+    # seen the current after_step / after_epoch, so no logger or progress bar misses that event.
+    interrupt: BaseException | None = None
 
     @property
     def lr(self) -> float:

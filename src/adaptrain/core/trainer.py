@@ -136,6 +136,7 @@ class Trainer:
             restore_trainer(self, ckpt_path)
         try:
             self._with_events("fit", self._fit_epochs)
+            self._raise_interrupt()  # a signal seen in after_fit
         except BaseException as error:
             state.exception = error
             self.callbacks.fire(Event.EXCEPTION.value, self)
@@ -175,6 +176,7 @@ class Trainer:
             state.epoch_logs = {"epoch": state.epoch + 1}
             # A cancelled epoch still ends: counters advance and its record (what it has) is kept.
             self._with_events("epoch", self._run_epoch, on_cancel=self._end_epoch)
+            self._raise_interrupt()
 
     def _run_epoch(self) -> None:
         state = self.state
@@ -319,6 +321,7 @@ class Trainer:
         self._window_samples = 0
         state.global_step += 1
         self.callbacks.fire(Event.AFTER_STEP.value, self)
+        self._raise_interrupt()
 
     def _track(self, loss: torch.Tensor, parts: dict, outputs: Any, targets: Any, batch_size: int) -> None:
         """Accumulate loss, parts and metrics on the device; remember where a loss first went NaN/Inf."""
@@ -326,6 +329,20 @@ class Trainer:
         for name, part in parts.items():
             self._losses.setdefault(name, WeightedMean()).update(part, batch_size)
         self.train_metrics.update(outputs, targets, batch_size)
+
+    def check_finite(self) -> None:
+        """Raise :class:`~adaptrain.NonFiniteLossError` if a loss tracked so far this epoch was NaN/Inf.
+
+        A host-device sync: call it where one is paid anyway (before writing a checkpoint).
+        """
+        if self.nan_policy == "raise" and getattr(self, "_losses", None):
+            self._refresh()
+
+    def _raise_interrupt(self) -> None:
+        """A callback asked to stop (a signal): raise it once every callback has seen this step or epoch end."""
+        if self.state.interrupt is not None:
+            error, self.state.interrupt = self.state.interrupt, None
+            raise error
 
     def _refresh(self) -> None:
         """Read running loss and metrics from the device: a host-device sync, so only every N steps."""
