@@ -107,7 +107,7 @@ class MLflowLogger(Logger):
         self.experiment_id = self._experiment_id(self.experiment or run.experiment, uri)
         tags = {"adaptrain.verb": run.verb, **self.tags}
         if run.run_dir is not None:
-            tags["adaptrain.loggers.run_dir"] = str(run.run_dir.path.resolve())
+            tags["adaptrain.run_dir"] = str(run.run_dir.path.resolve())
         created = self.client.create_run(self.experiment_id, run_name=self.run_name or run.run_name, tags=tags)
         self.run_id = created.info.run_id
         params = [Param(key[:_MAX_KEY], _param_value(value)) for key, value in run.params.items()]
