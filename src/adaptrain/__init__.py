@@ -1,24 +1,27 @@
 """adaptrain: a PyTorch training engine that tunes itself to the hardware it runs on."""
 
-from adaptrain.callbacks import Callback, CallbackError, EarlyStopping, ForecastCallback, ProgressBar
-from adaptrain.errors import BatchStructureError, ConfigError, MissingExtraError, NonFiniteLossError
+from adaptrain.callbacks import EarlyStopping, ForecastCallback, ProgressBar
+from adaptrain.core.callback import Callback
+from adaptrain.errors import (BatchStructureError, CallbackError, CheckpointError, ConfigError, MetricError,
+                              MissingExtraError, NonFiniteLossError)
 from adaptrain.core.events import (
     CancelBatchException,
     CancelEpochException,
     CancelFitException,
+    CancelStepException,
     CancelTrainException,
     CancelValidateException,
     Event,
 )
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
-from adaptrain.checkpoint.io import CheckpointError, load_checkpoint, load_weights, save_checkpoint, save_weights
+from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
+from adaptrain.core.resume import save_checkpoint
 from adaptrain.cli.config import load_config
 from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
 from adaptrain.core.history import History
 from adaptrain.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger
 from adaptrain.core.losses import MultiLoss
-from adaptrain.core.metrics import MetricError
 from adaptrain.profiling.profile import ModelProfile, profile
 from adaptrain.profiling.bench import BenchTable, run_bench
 from adaptrain.core.state import TrainState, seed_everything
@@ -39,6 +42,7 @@ __all__ = [
     "CancelBatchException",
     "CancelEpochException",
     "CancelFitException",
+    "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
     "ConfigError",

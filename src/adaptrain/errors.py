@@ -42,3 +42,24 @@ class MissingExtraError(ImportError):
             f"{feature} needs the '{package}' package, which is not installed. "
             f"Install it with: pip install 'adaptrain[{extra}]'"
         )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be saved, read or applied; names the file and what was wrong.
+
+    Example:
+        >>> str(CheckpointError("runs/x/last.ckpt", "does not exist."))
+        'runs/x/last.ckpt: does not exist.'
+    """
+
+    def __init__(self, path: object, message: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+class CallbackError(RuntimeError):
+    """An exception raised inside a callback, re-raised with the callback and event named."""
+
+
+class MetricError(RuntimeError):
+    """A metric raised; names the metric and the shapes it was given."""

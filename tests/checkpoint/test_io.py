@@ -14,8 +14,8 @@ from torch import nn
 import adaptrain.checkpoint.io as checkpoint
 from adaptrain import Callback, Trainer
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
-from adaptrain.checkpoint.io import (CheckpointError, atomic_write, load_checkpoint, load_weights, save_checkpoint,
-                                  save_weights)
+from adaptrain import save_checkpoint
+from adaptrain.checkpoint.io import CheckpointError, atomic_write, load_checkpoint, load_weights, save_weights
 from tests.common import data
 
 
@@ -144,8 +144,8 @@ def test_contents_are_what_a_resume_needs(saved):
     ckpt = load_checkpoint(saved, map_location="cpu")
     assert set(ckpt) == {"meta", "model", "optimizer", "scheduler", "precision", "counters", "history", "rng",
                          "callbacks", "progress"}
-    assert ckpt["counters"] == {"epoch": 1, "global_step": 3, "batch_idx": 0, "skipped_steps": 0,
-                                "skipped_batches": 0, "step_lr": pytest.approx(0.01)}
+    assert ckpt["counters"] == {"epoch": 1, "global_step": 3, "batch_idx": 0, "epoch_samples": 0, "samples_seen": 48,
+                                "skipped_steps": 0, "skipped_batches": 0, "step_lr": pytest.approx(0.01)}
     assert [r["epoch"] for r in ckpt["history"]["records"]] == [1]
     assert set(ckpt["rng"]["now"]) >= {"python", "numpy", "torch", "loader"}
     assert ckpt["rng"]["now"]["loader"][0].dtype == torch.uint8  # the shuffling generator's state
@@ -263,15 +263,77 @@ def test_weights_round_trip_through_safetensors_with_tied_weights(tmp_path):
 
 def test_load_weights_errors_name_the_file(tmp_path):
     path = save_weights(nn.Linear(2, 3), tmp_path / "w.safetensors")
-    with pytest.raises(CheckpointError, match=r"w\.safetensors: does not match Linear: .*size mismatch"):
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: does not match Linear: shape mismatches: "
+                                              r"weight: file \[3, 2\], model \[4, 2\]"):
         load_weights(nn.Linear(2, 4), path)
-    with pytest.raises(CheckpointError, match=r"does not match Sequential: .*Missing key"):
+    with pytest.raises(CheckpointError, match=r"does not match Sequential: missing keys: 0\.weight, 0\.bias; "
+                                              r"unexpected keys: bias, weight"):
         load_weights(nn.Sequential(nn.Linear(2, 3)), path)
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CheckpointError, match="is truncated or corrupt"):
         load_weights(nn.Linear(2, 3), path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(nn.Linear(2, 3), tmp_path / "missing.safetensors")
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before)
+
+
+@pytest.mark.parametrize("case", ["last-layer-shape", "extra-layer", "dtype", "lenient-but-shape"])
+def test_load_weights_checks_everything_before_copying_anything(tmp_path, case):
+    """Another model's file: the tensors that would fit are not copied either (no half-loaded model)."""
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    path = save_weights(saved, tmp_path / "other.safetensors")
+    torch.manual_seed(1)
+    strict = case != "lenient-but-shape"
+    if case in ("last-layer-shape", "lenient-but-shape"):  # 0.weight and 0.bias fit, 2.* do not
+        model, expected = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), "shape mismatches: 2.weight"
+    elif case == "extra-layer":  # every saved tensor fits, the model has one layer more
+        model, expected = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.Linear(3, 3)), \
+            "missing keys: 3.weight, 3.bias"
+    else:  # same shapes, but the model is float64: a silent cast would hide a file of another model
+        model, expected = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double(), \
+            "dtype mismatches: 0.weight: file torch.float32, model torch.float64"
+    before = snapshot(model)
+    assert not torch.equal(before["0.weight"].float(), saved[0].weight)  # a copy would show
+    with pytest.raises(CheckpointError, match=rf"other\.safetensors: does not match Sequential: .*{expected}.*"
+                                              r"Nothing was loaded\."):
+        load_weights(model, path, strict=strict)
+    assert_untouched(model, before)
+
+
+def test_load_weights_strict_false_allows_missing_and_unexpected_keys(tmp_path):
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    path = save_weights(saved, tmp_path / "w.safetensors")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.Linear(3, 3))
+    extra_before = model[3].weight.detach().clone()
+    load_weights(model, path, strict=False)
+    assert torch.equal(model[0].weight, saved[0].weight) and torch.equal(model[2].bias, saved[2].bias)
+    assert torch.equal(model[3].weight, extra_before)  # not in the file: left as it was
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_weights_and_checkpoints_get_the_usual_mode_under_the_umask(tmp_path, umask):
+    """Not the 0600 of a temporary file: 0666 less the umask, like any file the user writes."""
+    expected = 0o666 & ~umask
+    previous = os.umask(umask)
+    try:
+        weights = save_weights(nn.Linear(2, 3), tmp_path / "model.safetensors")
+        make_trainer(callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_top_k=1)], max_epochs=1).fit(train_loader())
+    finally:
+        os.umask(previous)
+    files = [weights, *sorted((tmp_path / "ckpt").iterdir())]
+    assert [p.name for p in files] == ["model.safetensors", "epoch=1-step=3.ckpt", "last.ckpt"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(expected) for p in files}
 
 
 def test_model_checkpoint_files_never_hold_a_half_window(tmp_path):

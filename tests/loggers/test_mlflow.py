@@ -58,7 +58,7 @@ def test_params_metrics_artifacts_and_system_metrics(tracking_uri, tmp_path):
     assert got.info.status == "FINISHED" and got.info.run_name == "r1"
     assert got.data.params == {"trainer.max_epochs": "2", "optimizer.init_args.lr": "0.1",
                                "trainer.gradient_clip_val": "null", "callbacks": "[]"}
-    assert got.data.tags["adaptrain.loggers.run_dir"] == str(run.path.resolve())
+    assert got.data.tags["adaptrain.run_dir"] == str(run.path.resolve())
     assert client.get_experiment(got.info.experiment_id).name == "mlflow-test"
     per_epoch = client.get_metric_history(logger.run_id, "val_loss")
     assert [(m.step, m.value) for m in per_epoch] == [(1, pytest.approx(history.records[0]["val_loss"])),

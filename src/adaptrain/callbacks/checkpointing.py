@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.core.callback import Callback
+from adaptrain.core.callback import CheckpointSaver
 from adaptrain.callbacks.early_stopping import missing_monitor_error
 from adaptrain.callbacks.signals import SignalHandler
-from adaptrain.checkpoint.io import link_atomic, save_checkpoint
+from adaptrain.checkpoint.io import link_atomic
+from adaptrain.core.resume import save_checkpoint
 from adaptrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 LAST = "last.ckpt"
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(CheckpointSaver):
     """Writes everything a resume needs (see :mod:`adaptrain.checkpoint.io`), atomically.
 
     - Every ``every_n_epochs`` epochs (at the epoch's end, after validation) and/or every

@@ -30,12 +30,13 @@ from rich.text import Text
 
 from adaptrain.core.batching import batch_size_of
 from adaptrain.core.callback import Callback
+from adaptrain.core.history import TIMING_KEYS
 from adaptrain.errors import BatchStructureError
 
 if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
 
-_SKIP = {"epoch", "epoch_time", "samples_per_s"}
+_SKIP = {"epoch", *TIMING_KEYS}
 
 
 def format_values(values: dict[str, Any], skip: set[str] = _SKIP) -> str:

@@ -1,109 +1,15 @@
-"""The pieces of exact resume that live outside :class:`~adaptrain.TrainState`, and compatibility checks.
+"""Does a checkpoint fit this run? Pure checks over state dicts, each returning the problem as text (or None).
 
-- the train loader's own ``torch.Generator`` states (a loader built with ``generator=...`` shuffles
-  from it, not from the global RNG that ``TrainState.epoch_start_rng`` covers);
-- the running epoch's loss and metric accumulators, so a resumed epoch's ``train_loss`` and
-  ``train_<metric>`` cover all of its batches, not only those after the resume;
-- checks that a checkpoint fits this model, optimizer and scheduler: each returns the problem as
-  text (or None); :func:`adaptrain.checkpoint.io.restore_trainer` raises it with the file's name.
-
-Example:
-    >>> import torch
-    >>> from torch.utils.data import DataLoader
-    >>> loader = DataLoader(range(8), shuffle=True, generator=torch.Generator().manual_seed(0))
-    >>> saved = loader_rng_state(loader)
-    >>> first = list(loader)
-    >>> set_loader_rng_state(loader, saved); list(loader) == first
-    True
+``fit(ckpt_path=...)`` runs every check before anything changes and raises the first problem as a
+:class:`~adaptrain.CheckpointError` naming the file, so a refused checkpoint leaves the trainer untouched.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import TYPE_CHECKING, Any
+import math
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from adaptrain.core.trainer import Trainer
-
-
-# ---------------------------------------------------------------------- the loader's own RNG
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects a DataLoader's shuffling draws from (its own, its sampler's)."""
-    owners = (loader, getattr(loader, "sampler", None),
-              getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-    found: list[torch.Generator] = []
-    for owner in owners:
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
-
-
-def loader_rng_state(loader: Any) -> list[torch.Tensor] | None:
-    """States of the loader's own generators (None when it draws from the global torch RNG only)."""
-    generators = _loader_generators(loader)
-    return [g.get_state() for g in generators] or None
-
-
-def set_loader_rng_state(loader: Any, states: list[torch.Tensor] | None) -> None:
-    """Inverse of :func:`loader_rng_state`; warns when the loader's generators do not match the saved ones."""
-    generators = _loader_generators(loader)
-    if states is None and not generators:
-        return
-    if states is None or len(states) != len(generators):
-        warnings.warn(f"resume: the checkpoint holds {len(states or [])} train-loader generator state(s), this "
-                      f"loader has {len(generators)}; its shuffle order will differ from the interrupted run's.")
-        return
-    for generator, saved in zip(generators, states):
-        generator.set_state(saved)
-
-
-# ---------------------------------------------------------------------- the running epoch's sums
-def epoch_progress(trainer: "Trainer") -> dict[str, Any]:
-    """The running epoch's loss and metric accumulators, as they are (on the device: no sync)."""
-    metric_set, metrics = trainer.train_metrics, {}
-    for name, metric, _ in metric_set.entries:
-        if name in metric_set.means:  # a plain callable, averaged by a WeightedMean
-            metrics[name] = _mean_state(metric_set.means[name])
-        else:  # a torchmetrics Metric (not imported here: it takes seconds)
-            metrics[name] = {"state": dict(metric.metric_state), "update_count": metric.update_count}
-    losses = {name: _mean_state(mean) for name, mean in getattr(trainer, "_losses", {}).items()}
-    return {"losses": losses, "metrics": metrics}
-
-
-def load_epoch_progress(trainer: "Trainer", progress: dict[str, Any]) -> None:
-    """Put saved accumulators back, after the trainer reset them for the resumed epoch."""
-    from adaptrain.core.metrics import WeightedMean
-
-    def mean(saved: dict[str, Any]) -> WeightedMean:
-        restored = WeightedMean()
-        restored.load_state_dict(saved, trainer.device)
-        return restored
-
-    trainer._losses = {name: mean(saved) for name, saved in progress["losses"].items()}
-    metric_set = trainer.train_metrics
-    for name, metric, _ in metric_set.entries:
-        saved = progress["metrics"].get(name)
-        if saved is None:
-            continue  # a metric added since the checkpoint: it covers the batches after resume only
-        if name in metric_set.means:
-            metric_set.means[name] = mean(saved)
-        else:
-            for attr, value in saved["state"].items():
-                setattr(metric, attr, _to(value, trainer.device))
-            metric._update_count, metric._computed = saved["update_count"], None  # as Metric.update leaves them
-
-
-def _mean_state(mean: Any) -> dict[str, Any]:
-    return mean.state_dict()
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return [_to(v, device) for v in value] if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------------- does the checkpoint fit?
@@ -158,13 +64,9 @@ def scheduler_mismatch(scheduler: Any, saved_type: str | None) -> str | None:
             "scheduler (Trainer(scheduler=...)).")
 
 
-def position_mismatch(batch_idx: int, loader: Any) -> str | None:
-    """A mid-epoch position the train loader cannot reach (it got shorter), or None."""
-    try:
-        length = len(loader)
-    except TypeError:
-        return None
-    if batch_idx <= length:
+def position_mismatch(batch_idx: int, length: int | None) -> str | None:
+    """A mid-epoch position a train loader of ``length`` batches cannot reach (it got shorter), or None."""
+    if length is None or batch_idx <= length:
         return None
     return (f"was saved after batch {batch_idx} of an epoch, but this train loader has {length} batches; "
             "resume with the same data and batch size.")
@@ -180,3 +82,20 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _few(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def onecycle_too_short(scheduler: Any, saved: Any, counters: dict[str, Any], steps_per_epoch: int | None,
+                       max_epochs: int, accumulate_grad_batches: int) -> str | None:
+    """A OneCycle schedule cannot stretch: resuming it for more steps than it has left fails mid-run in torch."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) or not isinstance(saved, dict):
+        return None
+    total, done = saved.get("total_steps"), saved.get("last_epoch")
+    if total is None or done is None or not steps_per_epoch:
+        return None
+    steps_into_epoch = math.ceil(counters["batch_idx"] / accumulate_grad_batches)
+    remaining = (max_epochs - counters["epoch"]) * steps_per_epoch - steps_into_epoch
+    if done + remaining > total:
+        return (f"holds a OneCycleLR schedule of {total} steps with {total - done} left, but this run has {remaining} "
+                f"more optimizer steps to take ({steps_per_epoch} per epoch up to epoch {max_epochs}); a one-cycle "
+                "schedule cannot be extended: resume with the original settings, or start a new run from the weights.")
+    return None

@@ -1,9 +1,10 @@
-"""Checkpoint files: atomic saves, safe loads, exact resume, and weights as safetensors.
+"""Checkpoint files: atomic saves, safe loads, and weights as safetensors.
 
 A checkpoint is one ``torch.save`` file (a zip) holding a dict:
 
     model, optimizer, scheduler, precision   their state_dicts (scheduler None when there is none)
-    counters    epoch, global_step, batch_idx (train batches done in the running epoch), skipped_*
+    counters    epoch, global_step, batch_idx and epoch_samples (train batches and samples done in the
+                running epoch), samples_seen, skipped_*
     history     the records of the completed epochs
     rng         "now": python/numpy/torch/CUDA RNG and the train loader's own generators;
                 "epoch_start": the same at the start of the running epoch (mid-epoch checkpoints),
@@ -13,7 +14,8 @@ A checkpoint is one ``torch.save`` file (a zip) holding a dict:
                 epoch's train_loss / train_<metric> cover the whole epoch, not only the batches after resume
     meta        format version, class names, precision, accumulation (to explain mismatches)
 
-Checkpoints are taken at a window boundary (``after_step`` / ``after_epoch``), so no half-accumulated
+The contents are built by :meth:`adaptrain.TrainState.state_dict` (``core``, above this layer) and
+put back by ``fit(ckpt_path=...)``. Checkpoints are taken at a window boundary (``after_step`` / ``after_epoch``), so no half-accumulated
 gradient is ever saved. Writes are atomic (temporary file, fsync, ``os.replace``, fsync of the folder):
 a save killed at any byte leaves the previous file intact. Every load uses
 ``torch.load(weights_only=True)`` and checks the zip's CRCs first: a file that would run code when
@@ -30,27 +32,27 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import secrets
 import shutil
-import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from adaptrain.checkpoint.compat import (changed_settings, epoch_progress, loader_rng_state, model_mismatch,
-                              optimizer_mismatch, position_mismatch, scheduler_mismatch, set_loader_rng_state)
-from adaptrain.core.state import CHECKPOINT_KEYS, rng_state, set_rng_state
+from adaptrain.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from adaptrain.core.trainer import Trainer
 
-FORMAT, VERSION = "adaptrain.checkpoint.io", 1
+
+#: What a checkpoint contains, and nothing else: model, optimizer, scheduler, grad scaler,
+#: counters, history, RNG states, every stateful callback's state, the running epoch's loss and
+#: metric sums (mid-epoch checkpoints) and meta (format version, class names, settings).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "precision", "counters", "history", "rng", "callbacks",
+                   "progress", "meta")
+FORMAT, VERSION = "adaptrain.checkpoint", 1
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device)
 _CHUNK = 1 << 16
 
@@ -59,30 +61,20 @@ _CHUNK = 1 << 16
 _write_hook: Callable[[int], None] | None = None
 
 
-class CheckpointError(ValueError):
-    """A checkpoint could not be saved, read or applied; names the file and what was wrong.
-
-    Example:
-        >>> str(CheckpointError("runs/x/last.ckpt", "does not exist."))
-        'runs/x/last.ckpt: does not exist.'
-    """
-
-    def __init__(self, path: str | os.PathLike, message: str) -> None:
-        self.path = str(path)
-        super().__init__(f"{path}: {message}")
-
-
 # ---------------------------------------------------------------------- files
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then move it onto ``path`` atomically.
 
-    Readers (and a later resume) see the old file or the new one, never half of one.
+    Readers (and a later resume) see the old file or the new one, never half of one. The file gets
+    the mode a plain ``open(path, "w")`` would give it (``0o666`` less the umask, usually 0644):
+    writers such as safetensors create their files 0600, as for a private temporary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "r+b") as handle:
             os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
@@ -101,6 +93,20 @@ def link_atomic(source: Path, target: Path) -> Path:
         except OSError:
             shutil.copyfile(source, tmp)
     return atomic_write(target, write)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -206,63 +212,78 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load safetensors weights into ``model`` (tied weights restored); CheckpointError on any mismatch."""
+    """Load safetensors weights into ``model`` (tied weights restored); CheckpointError on any mismatch.
+
+    Every key, shape and dtype is checked before the first tensor is copied: a file of another
+    model is refused with the model left exactly as it was. ``strict=False`` allows missing and
+    unexpected keys, never a tensor of another shape or dtype.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = save_weights(torch.nn.Linear(2, 3), tempfile.mkdtemp() + "/w.safetensors")
+        >>> load_weights(torch.nn.Linear(2, 4), path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        adaptrain.errors.CheckpointError: ...w.safetensors: does not match Linear: shape mismatches: weight: file [3, 2], model [4, 2]; bias: file [3], model [4]. Nothing was loaded.
+    """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(path, "does not exist.")
+        raise CheckpointError(path, "does not exist." if not path.exists() else "is not a file.")
     try:
-        load_model(model, str(path), strict=strict)
+        saved = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
         raise CheckpointError(path, f"is truncated or corrupt ({error}).") from None
-    except RuntimeError as error:
-        raise CheckpointError(path, f"does not match {type(model).__name__}: {' '.join(str(error).split())}") from None
+    problem = _weights_mismatch(model, saved, strict)
+    if problem:
+        raise CheckpointError(path, f"does not match {type(model).__name__}: {problem}. Nothing was loaded.")
+    model.load_state_dict(saved, strict=False)  # checked above: every key fits; tied names share a tensor
 
 
-# ---------------------------------------------------------------------- what a checkpoint holds
-def checkpoint_state(trainer: "Trainer") -> dict[str, Any]:
-    """Everything :func:`restore_trainer` needs, weights_only-safe. Take it at a window boundary."""
-    state = trainer.state
-    callbacks: dict[str, Any] = {}
-    for callback in trainer.callbacks.callbacks:
-        cb_state = callback.state_dict()
-        if cb_state:
-            if callback.state_key in callbacks:
-                raise CheckpointError("checkpoint", f"two callbacks share state_key {callback.state_key!r}; give "
-                                      "one of them its own state_key so both states are saved.")
-            callbacks[callback.state_key] = cb_state
-    mid_epoch = state.batch_idx > 0
-    ckpt = {
-        "meta": _meta(trainer),
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "precision": state.precision.state_dict() if state.precision is not None else {},
-        "counters": state.counters(),
-        "history": state.history.state_dict(),
-        "rng": {"now": {**rng_state(), "loader": loader_rng_state(state.train_loader)},
-                "epoch_start": state.epoch_start_rng if mid_epoch else None},
-        "callbacks": callbacks,
-        "progress": epoch_progress(trainer) if mid_epoch else None,
-    }
-    return _plain(ckpt, "checkpoint")
+def _weights_mismatch(model: torch.nn.Module, saved: dict[str, torch.Tensor], strict: bool) -> str | None:
+    """Missing and unexpected keys (with ``strict``), shape and dtype mismatches, or None."""
+    own = model.state_dict()
+    # Tied weights are saved under one of their names; the others are filled by the tie.
+    groups: dict[tuple, list[str]] = {}
+    for key, value in own.items():
+        pointer = value.untyped_storage().data_ptr() if value.numel() else 0
+        ident = (pointer, value.storage_offset(), tuple(value.shape), value.dtype) if pointer else (key,)
+        groups.setdefault(ident, []).append(key)
+    tied = {key: names for names in groups.values() for key in names}
+    missing = [key for key in own if key not in saved and not any(name in saved for name in tied[key])]
+    unexpected = [key for key in saved if key not in own]
+    shapes = [f"{key}: file {list(saved[key].shape)}, model {list(value.shape)}" for key, value in own.items()
+              if key in saved and saved[key].shape != value.shape]
+    dtypes = [f"{key}: file {saved[key].dtype}, model {value.dtype}" for key, value in own.items()
+              if key in saved and saved[key].shape == value.shape and saved[key].dtype != value.dtype]
+    problems = [(label, items) for label, items in (("missing keys", missing if strict else []),
+                                                    ("unexpected keys", unexpected if strict else []),
+                                                    ("shape mismatches", shapes), ("dtype mismatches", dtypes))
+                if items]
+    if not problems:
+        return None
+    text = "; ".join(f"{label}: {_listed(items)}" for label, items in problems)
+    if dtypes:
+        text += " (convert the model first, e.g. model.to(torch.float32), to load these)"
+    return text
 
 
-def save_checkpoint(trainer: "Trainer", path: str | os.PathLike) -> Path:
-    """Write :func:`checkpoint_state` to ``path`` atomically; returns the path."""
-    ckpt = checkpoint_state(trainer)
-    return atomic_write(path, lambda tmp: _torch_save(ckpt, tmp))
+def _listed(items: list[str], limit: int = 8) -> str:
+    shown = "; ".join(items[:limit]) if any(":" in item for item in items) else ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _meta(trainer: "Trainer") -> dict[str, Any]:
-    state = trainer.state
-    return {"format": FORMAT, "version": VERSION, "model": type(state.model).__name__,
-            "optimizer": type(state.optimizer).__name__,
-            "scheduler": type(state.scheduler).__name__ if state.scheduler is not None else None,
-            "precision": trainer.precision_name, "accumulate_grad_batches": state.accumulate_grad_batches,
-            "steps_per_epoch": state.steps_per_epoch}
+# ---------------------------------------------------------------------- writing a checkpoint
+def write_checkpoint(contents: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write checkpoint ``contents`` (``TrainState.state_dict()``) to ``path`` atomically; returns the path.
+
+    The contents are checked first: anything ``torch.load(weights_only=True)`` could not read back
+    is a :class:`CheckpointError` before a byte is written.
+    """
+    plain = _plain(contents, "checkpoint")
+    return atomic_write(path, lambda tmp: _torch_save(plain, tmp))
 
 
 def _plain(obj: Any, where: str) -> Any:
@@ -281,79 +302,3 @@ def _plain(obj: Any, where: str) -> Any:
     raise CheckpointError(where, f"is a {type(obj).__module__}.{type(obj).__qualname__}, which "
                           "torch.load(weights_only=True) cannot read back; store tensors, numbers, strings, "
                           "and lists/tuples/dicts of them instead.")
-
-
-# ---------------------------------------------------------------------- resume
-def restore_trainer(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:
-    """Put the trainer where the checkpoint left it; ``ckpt_path="last"`` means ModelCheckpoint's last.ckpt.
-
-    Every check runs before anything changes: on a CheckpointError the trainer is untouched.
-    Called by ``fit(ckpt_path=...)`` once precision and scheduler are built, before the loop.
-    """
-    path = _resolve(trainer, ckpt_path)
-    ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors; weights are copied over
-    state = trainer.state
-    problems = (model_mismatch(state.model, ckpt["model"]),
-                optimizer_mismatch(state.optimizer, ckpt["optimizer"], ckpt["meta"]["optimizer"]),
-                scheduler_mismatch(state.scheduler, ckpt["meta"]["scheduler"]),
-                position_mismatch(ckpt["counters"]["batch_idx"], state.train_loader),
-                _onecycle_too_short(state, ckpt["scheduler"], ckpt["counters"]))
-    for problem in problems:
-        if problem:
-            raise CheckpointError(path, problem)
-    for change in changed_settings(ckpt["meta"], _meta(trainer)):
-        warnings.warn(f"{path}: {change}")
-    state.model.load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    if state.scheduler is not None:
-        state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.precision.load_state_dict(ckpt["precision"])
-    state.load_counters(ckpt["counters"])
-    state.history.load_state_dict(ckpt["history"])
-    by_key = {callback.state_key: callback for callback in trainer.callbacks.callbacks}
-    for key, cb_state in ckpt["callbacks"].items():
-        if key in by_key:
-            by_key[key].load_state_dict(cb_state)
-        else:
-            warnings.warn(f"{path}: holds the state of callback {key!r}, which this trainer does not have; "
-                          "it is ignored.")
-    rng = ckpt["rng"]
-    if state.batch_idx:  # mid-epoch: the loop replays the epoch's shuffle, skips batch_idx batches, then
-        state.epoch_start_rng, state.resume_rng = rng["epoch_start"], rng["now"]  # restores resume_rng
-        trainer._resume_progress = ckpt["progress"]
-    else:
-        set_rng_state(rng["now"])
-        set_loader_rng_state(state.train_loader, rng["now"]["loader"])
-    return path
-
-
-def _onecycle_too_short(state: Any, saved: Any, counters: dict[str, Any]) -> str | None:
-    """A OneCycle schedule cannot stretch: resuming it for more steps than it has left fails mid-run in torch."""
-    if not isinstance(state.scheduler, torch.optim.lr_scheduler.OneCycleLR) or not isinstance(saved, dict):
-        return None
-    total, done, per_epoch = saved.get("total_steps"), saved.get("last_epoch"), state.steps_per_epoch
-    if total is None or done is None or not per_epoch:
-        return None
-    steps_into_epoch = math.ceil(counters["batch_idx"] / state.accumulate_grad_batches)
-    remaining = (state.max_epochs - counters["epoch"]) * per_epoch - steps_into_epoch
-    if done + remaining > total:
-        return (f"holds a OneCycleLR schedule of {total} steps with {total - done} left, but this run has {remaining} "
-                f"more optimizer steps to take ({per_epoch} per epoch up to epoch {state.max_epochs}); a one-cycle "
-                "schedule cannot be extended: resume with the original settings, or start a new run from the weights.")
-    return None
-
-
-def _resolve(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path:
-    if str(ckpt_path) != "last":
-        return Path(ckpt_path)
-    from adaptrain.callbacks.checkpointing import ModelCheckpoint
-
-    savers = trainer.callbacks.find(ModelCheckpoint)
-    if not savers:
-        raise CheckpointError("fit(ckpt_path='last')", "needs a ModelCheckpoint callback, whose last.ckpt it "
-                              "resumes from; add one, or pass the checkpoint's path.")
-    path = savers[0].last_path(trainer)
-    if not path.is_file():
-        raise CheckpointError(path, "does not exist: fit(ckpt_path='last') found no checkpoint saved by this "
-                              "run's ModelCheckpoint; start without ckpt_path, or pass a checkpoint's path.")
-    return path

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from adaptrain.core.batching import describe, split_batch
+from adaptrain.core.batching import describe, unpack_batch
 from adaptrain.callbacks.progress import format_values
 from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
 from adaptrain.errors import ConfigError, MissingExtraError
@@ -178,7 +178,7 @@ def _profile(args: argparse.Namespace) -> int:
         return 0
     from adaptrain.profiling.profile import profile  # imported here: only this verb pays for it
     built = build(config, "profile")
-    inputs, _ = split_batch(next(iter(built.loaders.train)), "train_loader")
+    inputs, _ = unpack_batch(next(iter(built.loaders.train)), "train_loader")
     result = profile(built.trainer.model, example_inputs=inputs, device=built.trainer.device,
                      warmup=args.warmup, runs=args.runs)
     result.print()
@@ -212,7 +212,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     def make_batch(batch_size: int) -> tuple[Any, Any]:
         loader = DataLoader(train.dataset, batch_size=batch_size, collate_fn=train.collate_fn)
-        return split_batch(next(iter(loader)), "train_loader")
+        return unpack_batch(next(iter(loader)), "train_loader")
 
     criterion = built.trainer.criterion
     precisions = [p for group in args.precisions for p in group]

@@ -1,4 +1,4 @@
-"""How a batch becomes model inputs and targets: structure checks, device moves, model calls.
+"""How a batch becomes model inputs and targets: structure checks, micro-batches, device moves, model calls.
 
 A loader yields ``(inputs, targets)`` (a tuple or list of two) or a dict with keys
 ``"inputs"`` and ``"targets"``. ``inputs`` is a tensor, a tuple/list (the model is called
@@ -15,8 +15,8 @@ import torch
 from adaptrain.errors import BatchStructureError
 
 
-def split_batch(batch: Any, loader_name: str) -> tuple[Any, Any]:
-    """Split a batch into (inputs, targets), or raise an error naming the loader and what it yielded."""
+def unpack_batch(batch: Any, loader_name: str) -> tuple[Any, Any]:
+    """Unpack a batch into (inputs, targets), or raise an error naming the loader and what it yielded."""
     if isinstance(batch, dict) and "inputs" in batch and "targets" in batch:
         return batch["inputs"], batch["targets"]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -100,4 +100,33 @@ def detach_cpu(obj: Any) -> Any:
         return {k: detach_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return rebuild(obj, [detach_cpu(v) for v in obj])
+    return obj
+
+
+def split_micro_batches(inputs: Any, targets: Any, micro_batch_size: int | None) -> list[tuple[Any, Any]]:
+    """Cut (inputs, targets) into consecutive micro-batches of at most ``micro_batch_size`` samples.
+
+    Every tensor with a batch dimension is sliced along dim 0 (views, no copies), through tuples,
+    lists, namedtuples and dicts; other leaves (flags, strings) are passed to every micro-batch.
+    ``None``, or a size >= the batch, gives the batch itself as the only micro-batch.
+
+    Example:
+        >>> x, y = torch.arange(10).reshape(5, 2), {"label": torch.arange(5)}
+        >>> [(a.shape[0], b["label"].tolist()) for a, b in split_micro_batches(x, y, 2)]
+        [(2, [0, 1]), (2, [2, 3]), (1, [4])]
+    """
+    size = batch_size_of(inputs, targets)
+    if micro_batch_size is None or micro_batch_size >= size:
+        return [(inputs, targets)]
+    return [(_slice(inputs, start, start + micro_batch_size, size), _slice(targets, start, start + micro_batch_size, size))
+            for start in range(0, size, micro_batch_size)]
+
+
+def _slice(obj: Any, start: int, stop: int, size: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.dim() > 0 and obj.shape[0] == size else obj
+    if isinstance(obj, dict):
+        return {k: _slice(v, start, stop, size) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return rebuild(obj, [_slice(v, start, stop, size) for v in obj])
     return obj

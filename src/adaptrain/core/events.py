@@ -8,11 +8,12 @@ Where each event fires, as the loop reads (``*`` per train batch, ``**`` per opt
         before_train
         for batch in train_loader:
             before_batch                   *  (raise CancelBatchException to skip it)
-            forward, loss, backward        *
+            forward, loss, backward        *  per micro-batch; an OOM retries the whole step
             after_backward                 *
             if the accumulation window is full (or the epoch ends):
-                before_step                **  gradients unscaled and ready (clip, inspect)
-                optimizer / scheduler step **
+                before_step                **  gradients unscaled and ready (clip, inspect);
+                                               raise CancelStepException to drop this step
+                optimizer / scheduler step **  then the step's loss/metrics are tracked
                 after_step                 **
             after_batch                    *
         after_train
@@ -23,7 +24,7 @@ Where each event fires, as the loop reads (``*`` per train batch, ``**`` per opt
     after_fit
     exception                                  any error escaping fit, before it propagates
 
-Every stage ``X`` in (fit, epoch, train, batch, validate) fires ``before_X``; if a
+Every stage ``X`` in (fit, epoch, train, batch, step, validate) fires ``before_X``; if a
 ``CancelXException`` is raised inside it, ``after_cancel_X``; then ``after_X``.
 Callbacks implement methods named exactly like these events; only overridden methods are
 called, so an unused hook costs nothing.
@@ -49,6 +50,7 @@ class Event(str, Enum):
     AFTER_BATCH = "after_batch"
     AFTER_BACKWARD = "after_backward"
     BEFORE_STEP = "before_step"
+    AFTER_CANCEL_STEP = "after_cancel_step"
     AFTER_STEP = "after_step"
     BEFORE_VALIDATE = "before_validate"
     AFTER_CANCEL_VALIDATE = "after_cancel_validate"
@@ -72,6 +74,11 @@ class CancelBatchException(Exception):
     """Skip the rest of this batch (raise it in ``before_batch`` to skip the batch)."""
 
 
+class CancelStepException(Exception):
+    """Drop this optimizer step (raise it in ``before_step``): gradients are zeroed, the step's loss and
+    metrics are not tracked, the counters do not advance."""
+
+
 class CancelValidateException(Exception):
     """Skip this validation: the epoch's record then has no ``val_*`` values."""
 
@@ -81,5 +88,6 @@ CANCEL_EXCEPTIONS = {
     "epoch": CancelEpochException,
     "train": CancelTrainException,
     "batch": CancelBatchException,
+    "step": CancelStepException,
     "validate": CancelValidateException,
 }

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from typing import Any, Mapping
 
 import torch
 
 from adaptrain.core.batching import describe, select
-
-
-class MetricError(RuntimeError):
-    """A metric raised; names the metric and the shapes it was given."""
+from adaptrain.errors import MetricError
 
 
 class WeightedMean:
@@ -104,6 +102,7 @@ class MetricSet:
         self.device = device
         self.entries: list[tuple[str, Any, Any]] = []  # (name, metric or callable, output key)
         self.means: dict[str, WeightedMean] = {}
+        self.updates = 0  # batches since reset; counted here, not read from torchmetrics' private counter
         for name, metric in (metrics or {}).items():
             if isinstance(metric, Mapping):
                 for sub_name, sub_metric in metric.items():
@@ -115,6 +114,7 @@ class MetricSet:
         if _is_torchmetric(metric):
             metric = copy.deepcopy(metric).to(device)
             metric.reset()
+            metric.persistent(True)  # our own copy: its state_dict() now holds the accumulated state
         elif callable(metric):
             self.means[name] = WeightedMean()
         else:
@@ -125,6 +125,7 @@ class MetricSet:
         self.entries.append((name, metric, output_key))
 
     def update(self, outputs: Any, targets: Any, batch_size: int) -> None:
+        self.updates += 1
         for name, metric, key in self.entries:
             preds, target = select(outputs, key), select(targets, key)
             try:
@@ -144,8 +145,10 @@ class MetricSet:
         values: dict[str, float] = {}
         for name, metric, _ in self.entries:
             if _is_torchmetric(metric):
-                if metric.update_count:
-                    values[name] = float(metric.compute())
+                if self.updates:
+                    with warnings.catch_warnings():  # restored state without an update since: that is fine
+                        warnings.filterwarnings("ignore", message=".*before the ``update``")
+                        values[name] = float(metric.compute())
             else:
                 value = self.means[name].compute()
                 if value is not None:
@@ -153,8 +156,89 @@ class MetricSet:
         return values
 
     def reset(self) -> None:
+        self.updates = 0
         for name, metric, _ in self.entries:
             (metric if _is_torchmetric(metric) else self.means[name]).reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated state of every metric (on the device: no sync), through public APIs only."""
+        metrics: dict[str, Any] = {}
+        for name, metric, _ in self.entries:
+            if _is_torchmetric(metric):
+                metrics[name] = {"state": dict(metric.state_dict()), "update_count": self.updates}
+            else:
+                metrics[name] = self.means[name].state_dict()
+        return metrics
+
+    def load_state_dict(self, saved: Mapping[str, Any], device: torch.device) -> None:
+        """Put back :meth:`state_dict`; a metric added since it was saved covers the batches after it only."""
+        self.reset()
+        for name, metric, _ in self.entries:
+            if name not in saved:
+                continue
+            if _is_torchmetric(metric):
+                metric.load_state_dict(dict(saved[name]["state"]), strict=False)
+                metric.to(device)
+                self.updates = int(saved[name]["update_count"])
+            else:
+                self.means[name].load_state_dict(saved[name], device)
+
+
+class RunningSums:
+    """The running epoch's loss, loss parts and train metrics, accumulated on the device.
+
+    Values are added once their optimizer step succeeded (see ``Window.tracked``); reading them
+    (:meth:`values`) is a host-device sync, paid at refresh points only.
+
+    Example:
+        >>> sums = RunningSums({}, torch.device("cpu"))
+        >>> sums.add(torch.tensor(2.0), {}, None, None, batch_size=3, tag=1)
+        >>> sums.add(torch.tensor(4.0), {}, None, None, batch_size=1, tag=2)
+        >>> sums.values()
+        {'loss': 2.5}
+    """
+
+    def __init__(self, metrics: Mapping[str, Any] | None, device: torch.device) -> None:
+        self.device = device
+        self.losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
+        self.metrics = MetricSet(metrics, device)
+
+    def reset(self) -> None:
+        self.losses = {"loss": WeightedMean()}
+        self.metrics.reset()
+
+    def add(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor], outputs: Any, targets: Any,
+            batch_size: int, tag: int) -> None:
+        """Track one batch; ``tag`` (its batch index) lets :meth:`fold` say where a loss first went NaN/Inf."""
+        self.losses["loss"].update(loss, batch_size, tag=tag)
+        for name, part in parts.items():
+            self.losses.setdefault(name, WeightedMean()).update(part, batch_size)
+        if self.metrics.entries:
+            self.metrics.update(outputs, targets, batch_size)
+
+    def fold(self, find_nonfinite: bool) -> int | None:
+        """Fold pending loss values; with ``find_nonfinite``, the tag of the first NaN/Inf loss (a sync)."""
+        return self.losses["loss"].flush(find_nonfinite=find_nonfinite)
+
+    def values(self) -> dict[str, float]:
+        """Current loss, parts and metric values (a host-device sync)."""
+        values = {name: mean.compute() for name, mean in self.losses.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        values.update(self.metrics.compute())
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": {name: mean.state_dict() for name, mean in self.losses.items()},
+                "metrics": self.metrics.state_dict()}
+
+    def load_state_dict(self, saved: Mapping[str, Any], device: torch.device) -> None:
+        def mean(state: dict[str, Any]) -> WeightedMean:
+            restored = WeightedMean()
+            restored.load_state_dict(state, device)
+            return restored
+
+        self.losses = {name: mean(state) for name, state in saved["losses"].items()}
+        self.metrics.load_state_dict(saved["metrics"], device)
 
 
 def _is_torchmetric(obj: Any) -> bool:

@@ -64,6 +64,9 @@ class Precision:
         optimizer.step()
         return True
 
+    def cancel_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Forget a step that will not be taken (a callback cancelled it after ``unscale``)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -104,12 +107,26 @@ class MixedPrecision(Precision):
         self._unscaled = False
         return self.scaler.get_scale() >= scale_before
 
+    def cancel_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler and self._unscaled:
+            # GradScaler refuses a second unscale_ before update(); update() with the recorded inf
+            # check is what ends its step, at the cost of one scale adjustment for the dropped step.
+            self.scaler.update()
+        self._unscaled = False
+
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def resolve_precision(precision: str | Precision, device: torch.device) -> Precision:
+    """A plugin instance as it is, or the plugin a name stands for (:func:`build_precision`)."""
+    if isinstance(precision, Precision):
+        return precision
+    return build_precision(str(precision), device)
 
 
 def build_precision(precision: str, device: torch.device) -> Precision:

@@ -1,0 +1,329 @@
+"""The loop the :class:`~adaptrain.Trainer` runs: fit -> epoch -> train -> batch -> step, and evaluation.
+
+Read top to bottom, it is the pseudocode of :mod:`adaptrain.core.events`. Every piece of progress
+lives on ``self.state`` (:class:`~adaptrain.TrainState`); features plug in through events and the
+state, not through branches here.
+
+The optimizer step is one retryable unit. Each loader batch of the accumulation window is kept
+(by reference) in ``state.window`` until its step is taken; forward and backward run per
+micro-batch, and what a micro-batch adds to the epoch's loss and metrics waits in the window too,
+to be tracked only once the step succeeded. So when a micro-batch runs out of memory, the window's
+gradients are dropped and the whole step is recomputed with smaller micro-batches
+(:meth:`TrainingLoop._recompute_window`): nothing is counted twice and no step is lost. The retry
+covers the whole window (not one loader batch) because the gradients of its earlier batches are
+already mixed into ``.grad``; what it costs is recomputing at most one window after an OOM.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import torch
+
+from adaptrain.core.batching import batch_size_of, call_model, describe, split_micro_batches, to_device, unpack_batch
+from adaptrain.core.events import CANCEL_EXCEPTIONS, CancelEpochException, CancelTrainException, Event
+from adaptrain.core.losses import split_loss
+from adaptrain.core.metrics import WeightedMean
+from adaptrain.core.state import rng_state, set_rng_state
+from adaptrain.data.loaders import loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
+from adaptrain.errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from adaptrain.core.state import TrainState
+
+#: The out-of-memory errors a step can recover from, matched by type, never by message text.
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
+
+
+class TrainingLoop:
+    """The loop's methods; :class:`~adaptrain.Trainer` holds the arguments and the public API."""
+
+    state: TrainState
+
+    # ------------------------------------------------------------------ fit -> epoch
+    def _fit_epochs(self) -> None:
+        state = self.state
+        while state.epoch < state.max_epochs and not state.should_stop:
+            if state.next_train_loader is not None:
+                self._install_train_loader(state.next_train_loader)
+            state.epoch_logs, state.validated = {"epoch": state.epoch + 1}, False
+            # A cancelled epoch still ends: counters advance and its record (what it has) is kept.
+            self._with_events("epoch", self._run_epoch, on_cancel=self._end_epoch)
+            self._raise_interrupt()
+
+    def _run_epoch(self) -> None:
+        self._with_events("train", self._train_epoch)
+        if self.state.val_loader is not None:
+            self._with_events("validate", self._validate_epoch)
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        # The lr the epoch's last optimizer step used (a per-step scheduler has already moved past it).
+        state.epoch_logs["lr"] = state.step_lr if state.step_lr is not None else state.lr
+        self._schedule.step_epoch(state)
+        state.epoch += 1
+        state.batch_idx = state.epoch_samples = 0
+        state.history.append(_ordered_record(state.epoch_logs))
+
+    # ------------------------------------------------------------------ train phase
+    def _train_epoch(self) -> None:
+        state = self.state
+        self.model.train()
+        state.optimizer.zero_grad(set_to_none=True)  # nothing from a cancelled window leaks in
+        state.window.clear()
+        state.train_sums.reset()
+        state.running, state.data_time, state.compute_time = {}, 0.0, 0.0
+        state.num_batches = loader_length(state.train_loader)
+        epoch_start = time.perf_counter()
+        samples_before = state.samples_seen
+        batches = self._epoch_batches()
+        try:
+            fetch_start = time.perf_counter()
+            for batch in batches:
+                compute_start = time.perf_counter()
+                state.data_time += compute_start - fetch_start
+                samples = batch_size_of(*unpack_batch(batch, "train_loader"))
+                state.batch, state.batch_idx = batch, state.batch_idx + 1
+                state.epoch_samples += samples
+                state.samples_seen += samples
+                self._with_events("batch", self._train_batch, on_cancel=self._drop_cancelled_batch)
+                fetch_start = time.perf_counter()
+                state.compute_time += fetch_start - compute_start
+        except (CancelTrainException, CancelEpochException):
+            self._close_train_phase(epoch_start, state.samples_seen - samples_before)
+            raise
+        except BaseException:
+            shutdown_workers(batches)  # workers that ignore SIGTERM would otherwise block exit
+            raise
+        self._close_train_phase(epoch_start, state.samples_seen - samples_before)
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """The epoch's batches; resuming mid-epoch, the sampler's order is replayed and the samples
+        already trained are skipped, then the checkpoint's RNG and running sums are put back."""
+        state = self.state
+        resuming, skip_samples, skip_batches = state.mid_epoch, state.epoch_samples, state.batch_idx
+        if resuming:
+            set_rng_state(state.epoch_start_rng)
+            set_loader_rng_state(state.train_loader, state.epoch_start_rng.get("loader"))
+        state.epoch_start_rng = {**rng_state(), "loader": loader_rng_state(state.train_loader)}
+        batches = iter(state.train_loader)
+        if not resuming:
+            return batches
+        state.batch_idx = state.epoch_samples = 0
+        # by samples (old checkpoints, without a sample count, by batches)
+        while (state.epoch_samples < skip_samples) if skip_samples else (state.batch_idx < skip_batches):
+            state.epoch_samples += batch_size_of(*unpack_batch(next(batches), "train_loader"))
+            state.batch_idx += 1
+        point, state.resume_point = state.resume_point, None
+        if point is not None:
+            set_rng_state(point["rng"])
+            if point["progress"] is not None:  # the half-done epoch's loss/metric sums
+                state.train_sums.load_state_dict(point["progress"], self.device)
+            if state.batch_idx % self.log_every_n_steps == 0:
+                self._refresh()  # the uninterrupted run folded its sums right after this batch
+        return batches
+
+    def _train_batch(self) -> None:
+        state = self.state
+        inputs, targets = unpack_batch(state.batch, "train_loader")
+        state.window.batches.append((inputs, targets, state.batch_idx))
+        try:
+            self._accumulate(inputs, targets, state.batch_idx)
+        except OOM_ERRORS as error:
+            self._recompute_window(error)
+        self.callbacks.fire(Event.AFTER_BACKWARD.value, self)
+        window_full = state.batch_idx % state.accumulate_grad_batches == 0
+        if window_full or state.batch_idx == state.num_batches:
+            if state.window.samples:
+                self._step()
+            else:
+                state.window.clear()  # every loss of the window was skipped (nan_policy="skip"): no step
+        if state.batch_idx % self.log_every_n_steps == 0:
+            self._refresh()
+
+    def _accumulate(self, inputs: Any, targets: Any, tag: int) -> None:
+        """Forward and backward of one loader batch, micro-batch by micro-batch, into ``.grad``."""
+        state = self.state
+        weighted = self._weighted_window()
+        for micro_inputs, micro_targets in split_micro_batches(inputs, targets, self.micro_batch_size):
+            outputs, loss, parts = self._forward(micro_inputs, micro_targets, "train_loader")
+            size = batch_size_of(micro_inputs, micro_targets)
+            state.outputs, state.loss = outputs, loss
+            if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
+                state.skipped_batches += 1
+                continue
+            state.window.tracked.append((loss, parts, outputs, micro_targets, size, tag))
+            # Weighted by size, so dividing the window's gradient by its samples gives one big batch's.
+            state.precision.backward(loss * size if weighted else loss)
+            state.window.samples += size
+
+    def _weighted_window(self) -> bool:
+        return self.state.accumulate_grad_batches > 1 or self.micro_batch_size is not None
+
+    def _recompute_window(self, error: BaseException) -> None:
+        """After an OOM: free what the failed attempt held, let the policy shrink the micro-batch
+        (or re-raise), and redo the whole window's forward and backward from zero gradients."""
+        state = self.state
+        while True:
+            state.optimizer.zero_grad(set_to_none=True)
+            state.window.samples, state.window.tracked = 0, []
+            state.outputs = state.loss = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.on_out_of_memory(error)  # raises when nothing smaller can be tried
+            try:
+                for inputs, targets, tag in state.window.batches:
+                    self._accumulate(inputs, targets, tag)
+                return
+            except OOM_ERRORS as again:
+                error = again
+
+    def on_out_of_memory(self, error: BaseException) -> None:
+        """Called by the step after an OOM: shrink what the step needs, or raise. Here: raise.
+
+        The adaptive micro-batching of a later feature overrides this (halve ``micro_batch_size``).
+        """
+        raise error
+
+    def _drop_cancelled_batch(self) -> None:
+        """A batch cancelled after its backward but before its step: without accumulation its gradient
+        would add to the next batch's (a double step), so it is dropped. With accumulation it stays in
+        the window, weighted by its size like any other batch."""
+        if self.state.accumulate_grad_batches == 1 and self.state.window.samples:
+            self.state.optimizer.zero_grad(set_to_none=True)
+            self.state.window.clear()
+
+    def _close_train_phase(self, epoch_start: float, samples: int) -> None:
+        """Step what the window holds (a loader that ran short, or a cancelled phase), record the values."""
+        state = self.state
+        if state.window.samples:
+            self._step()
+        self._refresh()
+        elapsed = time.perf_counter() - epoch_start
+        state.epoch_logs.update({f"train_{k}": v for k, v in state.running.items()})
+        state.epoch_logs.update(epoch_time=elapsed, samples_per_s=samples / elapsed if elapsed else 0.0,
+                                data_time=state.data_time, compute_time=state.compute_time)
+
+    # ------------------------------------------------------------------ the optimizer step
+    def _step(self) -> None:
+        """Gradients of the window made true (averaged, unscaled, clipped), then the step stage."""
+        state = self.state
+        if self._weighted_window():
+            grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / state.window.samples)
+        state.precision.unscale(state.optimizer)  # before_step sees true gradients; GradScaler.step reuses found_inf
+        if self.gradient_clip_val is not None:
+            params = [p for group in state.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
+        self._with_events("step", self._apply_step, on_cancel=self._drop_step)
+        self._raise_interrupt()
+
+    def _apply_step(self) -> None:
+        state = self.state
+        state.step_lr = state.optimizer.param_groups[0]["lr"]
+        if not state.precision.step(state.optimizer):
+            state.skipped_steps += 1  # the scheduler must not advance past a step that did not happen
+        elif state.scheduler is not None and state.scheduler_interval == "step":
+            state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        for tracked in state.window.tracked:  # the step succeeded: its values count
+            state.train_sums.add(*tracked)
+        state.window.clear()
+        state.global_step += 1
+
+    def _drop_step(self) -> None:
+        """``before_step`` cancelled the step: its gradients and values are dropped."""
+        self.state.precision.cancel_step(self.state.optimizer)
+        self.state.optimizer.zero_grad(set_to_none=True)
+        self.state.window.clear()
+
+    def _forward(self, inputs: Any, targets: Any, loader_name: str) -> tuple[Any, torch.Tensor, dict]:
+        """Move the batch, run the model and the criterion; errors name the culprit."""
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        with self.state.precision.autocast():
+            try:
+                outputs = call_model(self._forward_model, inputs)
+            except Exception as error:
+                _reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
+                                       f"{describe(inputs)} from {loader_name}")
+            try:
+                loss, parts = split_loss(self.criterion(outputs, targets))
+            except Exception as error:
+                _reraise_naming(error, f"the criterion ({_name(self.criterion)}) failed on outputs "
+                                       f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
+        return outputs, loss, parts
+
+    def _refresh(self) -> None:
+        """Read running loss and metrics from the device: a host-device sync, so only every N steps."""
+        state = self.state
+        bad_batch = state.train_sums.fold(find_nonfinite=self.nan_policy == "raise")
+        if bad_batch is not None:
+            acc = state.accumulate_grad_batches
+            steps_this_epoch = state.batch_idx // acc + (1 if state.batch_idx % acc and not state.window.samples else 0)
+            step = state.global_step - steps_this_epoch + math.ceil(bad_batch / acc)  # the step that used it
+            raise NonFiniteLossError(state.epoch + 1, step, bad_batch)
+        state.running = state.train_sums.values()
+
+    # ------------------------------------------------------------------ evaluation
+    def _validate_epoch(self) -> None:
+        self.state.epoch_logs.update(self._run_eval(self.state.val_loader, "val", "val_loader"))
+        self.state.validated = True
+
+    @torch.inference_mode()
+    def _run_eval(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
+        self.model.eval()
+        self.val_metrics.reset()
+        losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
+        for batch in loader:
+            inputs, targets = unpack_batch(batch, loader_name)
+            outputs, loss, parts = self._forward(inputs, targets, loader_name)
+            batch_size = batch_size_of(inputs, targets)
+            for name, value in {"loss": loss, **parts}.items():
+                losses.setdefault(name, WeightedMean()).update(value, batch_size)
+            self.val_metrics.update(outputs, targets, batch_size)
+        values = {name: mean.compute() for name, mean in losses.items()}
+        values.update(self.val_metrics.compute())
+        return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
+
+    # ------------------------------------------------------------------ stages
+    def _with_events(self, stage: str, run: Callable[[], None], on_cancel: Callable[[], None] | None = None) -> None:
+        """before_<stage>, the stage, after_cancel_<stage> if it was cancelled, after_<stage>."""
+        try:
+            self.callbacks.fire(f"before_{stage}", self)  # a before_ hook may cancel the stage
+            run()
+        except CANCEL_EXCEPTIONS[stage]:
+            if on_cancel is not None:
+                on_cancel()
+            self.callbacks.fire(f"after_cancel_{stage}", self)
+        self.callbacks.fire(f"after_{stage}", self)
+
+    def _raise_interrupt(self) -> None:
+        """A callback asked to stop (a signal): raise it once every callback has seen this step or epoch end."""
+        if self.state.interrupt is not None:
+            error, self.state.interrupt = self.state.interrupt, None
+            raise error
+
+
+def _reraise_naming(error: Exception, where: str) -> None:
+    """Raise the same kind of error with the place named. Subclasses (OOM, adaptrain's own errors)
+    pass unchanged, with a note, so handlers that catch them (an OOM back-off) still can."""
+    if type(error) in (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+        raise type(error)(f"{where}: {error}") from error
+    if hasattr(error, "add_note"):
+        error.add_note(where)
+    raise error
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__name__", type(obj).__name__)
+
+
+def _ordered_record(logs: dict[str, Any]) -> dict[str, Any]:
+    """epoch, lr, train_*, val_*, then the rest (times, forecasts): the column order of the CSV."""
+    rank = {"epoch": 0, "lr": 1}
+    return dict(sorted(logs.items(), key=lambda kv: rank.get(kv[0], 2 if kv[0].startswith("train_")
+                                                              else 3 if kv[0].startswith("val_") else 4)))
