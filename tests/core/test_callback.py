@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,38 @@ def test_cancelled_batch_after_backward_does_not_double_the_next_step():
 
     trainer = fit([CancelAfterBackward()], epochs=1, val=False)
     assert trainer.state.global_step == 3 and trainer.state.window.samples == 0
+
+
+def test_a_misspelled_hook_gets_a_warning_naming_the_closest_event():
+    class Typo(Callback):
+        def after_epoc(self, trainer):  # never called
+            pass
+
+        def helper(self):  # an ordinary method: no warning
+            pass
+
+    with pytest.warns(UserWarning, match=r"Typo\.after_epoc is not an event and is never called; did you mean "
+                                         r"after_epoch\?"):
+        CallbackList([Typo()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CallbackList([EventCounter()])  # real hooks only: silent
+
+
+def test_log_metrics_reaches_every_callback_that_implements_it_on_rank_zero():
+    class Sink(Callback):
+        def __init__(self):
+            self.got = []
+
+        def log_metrics(self, metrics, step):
+            self.got.append((dict(metrics), step))
+
+    class SendsMetrics(Callback):
+        def after_epoch(self, trainer):
+            trainer.log_metrics({"custom/throughput": 12.5})
+
+    sinks, model = [Sink(), Sink()], nn.Linear(8, 3)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                      progress=False, max_epochs=2, device="cpu", callbacks=[*sinks, SendsMetrics()])
+    trainer.fit(data.loader(data.classification(n=32), batch_size=16))  # 2 steps an epoch
+    assert all(sink.got == [({"custom/throughput": 12.5}, 2), ({"custom/throughput": 12.5}, 4)] for sink in sinks)

@@ -1,0 +1,136 @@
+"""The optimizer step as one retryable unit: micro-batches, OOM recompute, a cancellable step stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adaptrain import Callback, CancelStepException, Trainer
+from adaptrain.core.batching import split_micro_batches
+from tests.common import data
+
+
+class OOMAt(nn.Module):
+    """A real MLP whose forward raises torch.OutOfMemoryError on chosen calls, or above a batch size."""
+
+    def __init__(self, fail_calls=(), above: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.fail_calls, self.above, self.calls = set(fail_calls), above, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls in self.fail_calls or (self.above is not None and x.shape[0] > self.above and self.training):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.net(x)
+
+
+class HalvingTrainer(Trainer):
+    """The policy a later feature ships: halve the micro-batch after an OOM (here: for the test)."""
+
+    def __init__(self, *args, halve: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.halve, self.ooms = halve, 0
+
+    def on_out_of_memory(self, error: BaseException) -> None:
+        self.ooms += 1
+        if self.ooms > 8:
+            raise error
+        if self.halve:
+            size = self.micro_batch_size or self.state.batch[0].shape[0]
+            self.micro_batch_size = max(1, size // 2)
+
+
+def fit(model: nn.Module, cls=Trainer, accumulate: int = 1, epochs: int = 2, callbacks=(), **kwargs) -> Trainer:
+    trainer = cls(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
+                  progress=False, seed=0, device="cpu", max_epochs=epochs, accumulate_grad_batches=accumulate,
+                  callbacks=list(callbacks), **kwargs)
+    trainer.fit(data.loader(data.classification(n=40), batch_size=8, shuffle=True))
+    return trainer
+
+
+def weights(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_split_micro_batches_through_nested_structures():
+    inputs = {"a": torch.arange(10.).reshape(5, 2), "flag": True, "pair": (torch.arange(5), torch.zeros(1))}
+    parts = split_micro_batches(inputs, torch.arange(5), 2)
+    assert [len(t) for _, t in parts] == [2, 2, 1]
+    assert parts[2][0]["a"].tolist() == [[8.0, 9.0]] and parts[1][0]["flag"] is True
+    assert parts[1][0]["pair"][1].shape == (1,)  # not batch-shaped: passed whole
+    assert split_micro_batches(inputs, torch.arange(5), None)[0][1] is not None and \
+        len(split_micro_batches(inputs, torch.arange(5), 8)) == 1
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(accumulate):
+    reference = fit(OOMAt(), accumulate=accumulate)
+    model = OOMAt()
+    split = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
+                    progress=False, seed=0, device="cpu", max_epochs=2, accumulate_grad_batches=accumulate)
+    split.micro_batch_size = 3  # 8 -> 3 + 3 + 2
+    split.fit(data.loader(data.classification(n=40), batch_size=8, shuffle=True))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(split), weights(reference)))
+    assert split.state.history["train_loss"] == pytest.approx(reference.state.history["train_loss"], abs=1e-6)
+
+
+def test_a_one_off_oom_is_recomputed_with_no_step_lost_and_identical_weights():
+    reference = fit(OOMAt())
+    recovered = fit(OOMAt(fail_calls={4}), cls=HalvingTrainer, halve=False)  # a transient OOM: retried as it was
+    assert recovered.ooms == 1 and recovered.state.global_step == reference.state.global_step == 10
+    assert all(torch.equal(a, b) for a, b in zip(weights(recovered), weights(reference)))
+    assert recovered.state.history["train_loss"] == reference.state.history["train_loss"]  # nothing counted twice
+
+
+def test_an_oom_in_the_middle_of_an_accumulation_window_recomputes_the_whole_window():
+    reference = fit(OOMAt(), accumulate=3)
+    recovered = fit(OOMAt(fail_calls={3}), cls=HalvingTrainer, accumulate=3)  # 3rd batch of the first window
+    assert recovered.ooms == 1 and recovered.micro_batch_size == 4
+    assert recovered.state.global_step == reference.state.global_step
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(recovered), weights(reference)))
+    assert recovered.state.history["train_loss"] == pytest.approx(reference.state.history["train_loss"], abs=1e-6)
+
+
+def test_an_oom_above_a_size_halves_until_it_fits():
+    reference = fit(OOMAt())
+    recovered = fit(OOMAt(above=3), cls=HalvingTrainer)
+    assert recovered.micro_batch_size == 2 and recovered.ooms == 2  # 8 -> 4 (fails) -> 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(recovered), weights(reference)))
+
+
+def test_without_a_policy_an_oom_propagates_as_it_was():
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        fit(OOMAt(fail_calls={2}))
+
+
+class CancelSteps(Callback):
+    """Cancels the optimizer step attempts numbered in ``attempts`` (0-based, counting cancelled ones)."""
+
+    def __init__(self, attempts: set[int]) -> None:
+        self.attempts, self.cancelled, self.seen = attempts, 0, 0
+
+    def before_step(self, trainer: Trainer) -> None:
+        self.seen += 1
+        if self.seen - 1 in self.attempts:
+            raise CancelStepException()
+
+    def after_cancel_step(self, trainer: Trainer) -> None:
+        self.cancelled += 1
+
+
+def test_before_step_can_cancel_the_step_its_values_are_not_tracked():
+    cancel = CancelSteps({0, 1, 2, 3, 4})  # every step of the first epoch
+    trainer = fit(OOMAt(), callbacks=[cancel], epochs=1)
+    assert cancel.cancelled == 5 and trainer.state.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(trainer), weights(Trainer(OOMAt(), torch.optim.SGD(
+        OOMAt().parameters(), lr=0.1), nn.CrossEntropyLoss(), progress=False))))
+    assert "train_loss" not in trainer.state.history.records[0]  # no step succeeded: nothing tracked
+
+
+def test_a_cancelled_step_under_16_mixed_leaves_the_scaler_usable():
+    cancel = CancelSteps({1})
+    trainer = fit(OOMAt(), callbacks=[cancel], epochs=1, precision="16-mixed")
+    assert cancel.cancelled >= 1 and trainer.state.global_step == 4
