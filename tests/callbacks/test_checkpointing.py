@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from adaptrain import Callback, ConfigError, Trainer
-from adaptrain.callbacks.checkpointing import ModelCheckpoint
+from adaptrain import Callback, ConfigError, NonFiniteLossError, Trainer
+from adaptrain.callbacks.checkpointing import ModelCheckpoint, NonFiniteWeightsError
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint
 from tests.common import data
+from tests.common.models import NanAtCall
 
 
 def make_trainer(callbacks=(), max_epochs=4, **kwargs) -> Trainer:
@@ -128,6 +129,89 @@ def test_files_superseded_by_a_save_that_was_killed_are_deleted_on_resume(tmp_pa
     alive.write_bytes(b"half")
     make_trainer([saver], max_epochs=2).fit(*loaders(), ckpt_path=tmp_path / "last.ckpt")
     assert not (tmp_path / "epoch=1-step=6.ckpt").exists() and not dead.exists() and alive.exists()
+
+
+# ---------------------------------------------------------------------- never a NaN checkpoint
+def nan_trainer(callbacks=(), bad_call=None, max_epochs=3, **kwargs) -> Trainer:
+    """A linear model whose forward call ``bad_call`` (1-based, validation calls included) turns NaN.
+
+    With loaders(): 6 train calls and 1 val call per epoch, so call 10 is epoch 2, batch 3: optimizer
+    step 9, after which the weights are NaN; the loss is read only at the epoch's end (log_every 20).
+    """
+    torch.manual_seed(0)
+    model = NanAtCall(lambda call: call == bad_call)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), progress=False,
+                   seed=0, device="cpu", max_epochs=max_epochs, callbacks=list(callbacks), **kwargs)
+
+
+def assert_finite_checkpoint(path: Path, step: int) -> None:
+    ckpt = load_checkpoint(path)
+    assert ckpt["counters"]["global_step"] == step
+    assert all(torch.isfinite(value).all() for value in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("monitor", [None, "val_loss"])
+def test_a_nan_loss_never_reaches_a_checkpoint_and_the_last_good_one_is_kept(tmp_path, monitor):
+    saver = ModelCheckpoint(tmp_path, monitor=monitor, every_n_train_steps=2, save_top_k=1)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3 \\(optimizer step 9\\)"):
+        nan_trainer([saver], bad_call=10).fit(*loaders())
+    # The save due at step 10 (weights NaN since step 9) was refused before it wrote or rotated anything.
+    best = "epoch=1-step=6-val_loss=" if monitor else "epoch=2-step=8.ckpt"
+    names = ckpt_names(tmp_path)
+    assert len(names) == 2 and names[0].startswith(best) and names[1] == "last.ckpt", names
+    assert_finite_checkpoint(tmp_path / "last.ckpt", step=8)
+    assert_finite_checkpoint(tmp_path / names[0], step=6 if monitor else 8)
+    assert saver.best_model_path == str(tmp_path / names[0])
+    for start in (tmp_path / "last.ckpt", tmp_path / names[0]):  # both resume, to the end of the run
+        resumed = nan_trainer([ModelCheckpoint(tmp_path / "resumed", monitor=monitor)])
+        history = resumed.fit(*loaders(), ckpt_path=start)
+        assert [r["epoch"] for r in history.records] == [1, 2, 3] and resumed.state.global_step == 18
+        assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
+class PoisonWeights(Callback):
+    """Writes an Inf into a weight after optimizer step ``step`` (before ModelCheckpoint sees the step)."""
+
+    order = 50
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.state.global_step == self.step:
+            with torch.no_grad():
+                trainer.model.lin.weight[0, 0] = float("inf")
+
+
+def test_nan_weights_without_a_nan_loss_are_not_saved_either(tmp_path):
+    saver = ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=1)
+    with pytest.raises(NonFiniteWeightsError, match=r"NaN or Inf in epoch 1, after optimizer step 4 \(first: "
+                                                    rf"lin\.weight\); not saved: {tmp_path / 'last.ckpt'} still holds"):
+        nan_trainer([saver, PoisonWeights(4)]).fit(*loaders())
+    assert ckpt_names(tmp_path) == ["epoch=1-step=2.ckpt", "last.ckpt"]
+    assert_finite_checkpoint(tmp_path / "last.ckpt", step=2)
+
+
+def test_the_clean_end_and_a_signal_save_are_checked_too(tmp_path):
+    class PoisonAtEnd(Callback):
+        order = 50
+
+        def after_epoch(self, trainer: Trainer) -> None:
+            if trainer.state.epoch == 2:
+                with torch.no_grad():
+                    trainer.model.lin.weight[0, 0] = float("nan")
+
+    saver = ModelCheckpoint(tmp_path, every_n_epochs=0)  # only the clean end (after_fit) saves
+    with pytest.raises(NonFiniteWeightsError, match="no checkpoint was saved yet"):
+        nan_trainer([saver, PoisonAtEnd()], max_epochs=2).fit(*loaders())
+    assert not tmp_path.exists() or ckpt_names(tmp_path) == []
+
+    # A SIGTERM after the NaN batch: the save it asks for is refused, and the NaN is what fit reports.
+    saver = ModelCheckpoint(tmp_path, every_n_epochs=1, save_top_k=1)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3"):
+        nan_trainer([saver, SendSignal(10, signal.SIGTERM)], bad_call=10).fit(*loaders())
+    assert ckpt_names(tmp_path) == ["epoch=1-step=6.ckpt", "last.ckpt"]
+    assert_finite_checkpoint(tmp_path / "last.ckpt", step=6)
 
 
 # ---------------------------------------------------------------------- signals, in-process

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from adaptrain.core.callback import CheckpointSaver
 from adaptrain.callbacks.early_stopping import missing_monitor_error
 from adaptrain.callbacks.signals import SignalHandler
@@ -34,6 +36,11 @@ class ModelCheckpoint(CheckpointSaver):
       update ``last.ckpt`` only.
     - ``handle_signals``: SIGTERM / SIGINT (SIGUSR1 under SLURM) save and stop ``fit`` at the next
       step boundary; see :mod:`adaptrain.callbacks.signals` for the exit codes.
+    - Never a NaN checkpoint: before each write the losses tracked since the last sync are checked
+      (a NaN/Inf one raises :class:`~adaptrain.NonFiniteLossError` naming its batch) and so are the
+      weights (:class:`NonFiniteWeightsError`), so nothing is written and nothing rotated out: the
+      last good checkpoint, and ``last.ckpt``, stay on disk to resume from. The check costs one
+      reduction over the parameters and one host-device sync per save.
 
     Only rank zero writes. Changes training only through the signal handling.
 
@@ -152,6 +159,7 @@ class ModelCheckpoint(CheckpointSaver):
 
     # ------------------------------------------------------------------ saving and ranking
     def _save(self, trainer: "Trainer", value: float | None, force_last: bool = False) -> None:
+        self._check_finite(trainer)  # on every rank: they all stop together, none waits in a collective
         if not trainer.is_global_zero:
             return
         state, folder = trainer.state, self.directory(trainer)
@@ -172,6 +180,20 @@ class ModelCheckpoint(CheckpointSaver):
             raise
         self._saved_at = _position(trainer)
         self._delete(self.superseded)
+
+    def _check_finite(self, trainer: "Trainer") -> None:
+        """Raise before writing a state that a NaN/Inf loss or weight has corrupted."""
+        if not _tracked_losses_finite(trainer):
+            trainer.check_finite()  # folds the pending losses and raises NonFiniteLossError naming the batch
+        bad = _nonfinite_weights(trainer.state.model)
+        if bad:
+            state, last = trainer.state, self.last_path(trainer)
+            where = f"in epoch {state.epoch + 1}" if state.batch_idx else f"at the end of epoch {state.epoch}"
+            kept = f"{last} still holds the last good state" if last.is_file() else "no checkpoint was saved yet"
+            raise NonFiniteWeightsError(
+                f"ModelCheckpoint: the model's weights hold NaN or Inf {where}, after optimizer step "
+                f"{state.global_step} (first: {', '.join(bad[:3])}); not saved: {kept}. Lower the learning rate, "
+                "clip gradients (gradient_clip_val=...), or look for a division by zero in the model.")
 
     def _rank(self, name: str, value: float | None) -> list[str]:
         """Update best/recent/superseded for a new candidate ``name``; returns the names kept."""
@@ -214,6 +236,44 @@ class ModelCheckpoint(CheckpointSaver):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.recent = dict(state["best"]), list(state["recent"])
         self.superseded = list(state["superseded"])
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """A checkpoint was due, but the model's weights hold NaN or Inf: nothing was written."""
+
+
+def _tracked_losses_finite(trainer: "Trainer") -> bool:
+    """Whether the epoch's tracked losses are all finite, read without folding them.
+
+    Folding them here (``trainer.check_finite()``) would round the epoch's train_loss differently
+    from a run without checkpoints; the check stacks the pending values instead (one sync).
+    """
+    sums = getattr(trainer.state, "train_sums", None)
+    mean = sums.losses.get("loss") if sums is not None else None
+    if mean is None or getattr(trainer, "nan_policy", "raise") != "raise":
+        return True
+    saved = mean.state_dict()
+    values = [v.reshape(-1) for v in (saved["pending"], saved["total"]) if isinstance(v, torch.Tensor)]
+    return not values or bool(torch.isfinite(torch.cat([v.float() for v in values])).all())
+
+
+def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and float buffers holding NaN/Inf; [] (the usual case) after one sync.
+
+    One fused norm per device (``torch._foreach_norm``, as ``clip_grad_norm_`` uses) in float32:
+    a norm is NaN/Inf exactly when a value is, or when it exceeds 3e38 (weights of 1e19 are broken
+    too). Only when that fails are the tensors looked at one by one, to name them.
+    """
+    named = [(name, t.detach()) for name, t in [*model.named_parameters(), *model.named_buffers()]
+             if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, tensor in named:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    finite = [torch.stack(torch._foreach_norm(group, 2.0, dtype=torch.float32)).isfinite().all()
+              for group in by_device.values()]
+    if all(bool(flag) for flag in finite):
+        return []
+    return [name for name, tensor in named if not bool(torch.isfinite(tensor).all())] or ["(norm overflow)"]
 
 
 def _position(trainer: "Trainer") -> tuple[int, int, int]:
