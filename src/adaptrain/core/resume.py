@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from adaptrain.checkpoint.compat import (changed_settings, model_mismatch, onecycle_too_short, optimizer_mismatch,
                                          position_mismatch, scheduler_mismatch)
@@ -31,13 +31,18 @@ def save_checkpoint(trainer: Trainer, path: str | os.PathLike) -> Path:
     return write_checkpoint(trainer.state.state_dict(), path)
 
 
-def restore_checkpoint(trainer: Trainer, ckpt_path: str | os.PathLike) -> Path:
+def restore_checkpoint(trainer: Trainer, ckpt_path: str | os.PathLike | Mapping[str, Any]) -> Path:
     """Put the trainer where the checkpoint left it; ``"last"`` means its checkpoint callback's last file.
 
-    Called by ``fit(ckpt_path=...)`` once precision and scheduler are built, before the loop.
+    ``ckpt_path`` may also be the contents :func:`~adaptrain.load_checkpoint` already returned (the
+    CLI reads a checkpoint once, to check it before it makes a run folder). Called by
+    ``fit(ckpt_path=...)`` once precision and scheduler are built, before the loop.
     """
-    path = _resolve(trainer, ckpt_path)
-    ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors; weights are copied over
+    if isinstance(ckpt_path, Mapping):
+        path, ckpt = Path("checkpoint"), dict(ckpt_path)
+    else:
+        path = _resolve(trainer, ckpt_path)
+        ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors; weights are copied over
     state = trainer.state
     problems = (model_mismatch(state.model, ckpt["model"]),
                 optimizer_mismatch(state.optimizer, ckpt["optimizer"], ckpt["meta"]["optimizer"]),

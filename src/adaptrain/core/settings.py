@@ -76,7 +76,12 @@ def check_trainer_settings(**values: Any) -> None:
     for name, value in values.items():
         problem = check_setting(name, value)
         if problem:
-            shown = f'"{value}"' if isinstance(value, str) else repr(value)
-            error = ConfigError(f"Trainer({name}={shown}):", problem + ".")
-            error.field = name
-            raise error
+            raise setting_error(name, value, problem + ".")
+
+
+def setting_error(name: str, value: Any, message: str) -> ConfigError:
+    """``Trainer(name=value): message`` as a ConfigError whose ``field`` is the setting's name."""
+    shown = f'"{value}"' if isinstance(value, str) else repr(value)
+    error = ConfigError(f"Trainer({name}={shown}):", message)
+    error.field = name
+    return error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -18,7 +19,7 @@ from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
 from adaptrain.core.resume import restore_checkpoint
 from adaptrain.core.scheduling import LRSchedule
-from adaptrain.core.settings import check_trainer_settings
+from adaptrain.core.settings import check_trainer_settings, setting_error
 from adaptrain.core.state import TrainState, seed_everything
 from adaptrain.data.loaders import LoaderSpec, loader_length
 from adaptrain.distributed import env as distributed
@@ -121,10 +122,11 @@ class Trainer(TrainingLoop):
 
     # ------------------------------------------------------------------ public API
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
-            ckpt_path: str | None = None) -> History:
+            ckpt_path: str | os.PathLike | Mapping[str, Any] | None = None) -> History:
         """Train for ``max_epochs`` (or until a callback stops it) and return the :class:`History`.
 
-        ``ckpt_path`` (a path, or ``"last"``) resumes a run exactly where its checkpoint left it.
+        ``ckpt_path`` (a path, ``"last"``, or what :func:`~adaptrain.load_checkpoint` returned)
+        resumes a run exactly where its checkpoint left it.
         """
         state = self.state
         if state.epoch >= state.max_epochs and ckpt_path is None:
@@ -243,9 +245,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f'Trainer(device="{device}"): expected "auto", "cpu", "cuda" or "cuda:N".') from error
+        raise setting_error("device", str(device), 'expected "auto", "cpu", "cuda" or "cuda:N".') from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f'Trainer(device="{device}"): CUDA is not available on this machine; use "auto" or "cpu".')
+        raise setting_error("device", str(device), 'CUDA is not available on this machine; use "auto" or "cpu".')
     return resolved
 
 
