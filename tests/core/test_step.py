@@ -134,3 +134,18 @@ def test_a_cancelled_step_under_16_mixed_leaves_the_scaler_usable():
     cancel = CancelSteps({1})
     trainer = fit(OOMAt(), callbacks=[cancel], epochs=1, precision="16-mixed")
     assert cancel.cancelled >= 1 and trainer.state.global_step == 4
+
+
+def test_run_step_is_the_step_fit_takes():
+    """One run_step on a batch gives the weights of a one-batch epoch of fit, bit for bit."""
+    batch = next(iter(data.loader(data.classification(n=8), batch_size=8)))
+    model = OOMAt()
+    reference = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
+                        progress=False, device="cpu", max_epochs=1, gradient_clip_val=0.5)
+    reference.fit([batch])
+    model = OOMAt()
+    stepped = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
+                      progress=False, device="cpu", gradient_clip_val=0.5)
+    stepped.run_step(batch)
+    assert stepped.state.global_step == 1 and stepped.state.epoch_samples == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(stepped), weights(reference)))

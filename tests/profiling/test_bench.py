@@ -173,3 +173,20 @@ def test_run_bench_on_cuda():
     table = run_bench(make_mlp, make_batch, batch_sizes=(8,), device="cuda", steps=3, warmup=1)
     ran = [r for r in table.rows if r.skipped is None]
     assert ran and all(r.time_per_iter_ms > 0 and r.peak_mem_mb > 0 for r in ran)
+
+
+def test_the_table_times_the_trainers_own_step(monkeypatch):
+    """bench measures Trainer.run_step (fit's step: precision plugin, clipping, step stage), not a copy."""
+    from adaptrain.core.trainer import Trainer
+
+    calls = []
+    original = Trainer.run_step
+
+    def counting(self, batch):
+        calls.append(self.precision.name)
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "run_step", counting)
+    run_bench(lambda: torch.nn.Linear(4, 3), lambda b: (torch.randn(b, 4), torch.randint(0, 3, (b,))),
+              precisions=["32", "bf16-mixed"], batch_sizes=[4], steps=3, warmup=1)
+    assert calls.count("32") == calls.count("bf16-mixed") == 1 + 3 + 1  # warm-up, timed steps, the memory step

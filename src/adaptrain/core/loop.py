@@ -161,6 +161,23 @@ class TrainingLoop:
             state.precision.backward(loss * size if weighted else loss)
             state.window.samples += size
 
+    def run_step(self, batch: Any) -> None:
+        """One optimizer step on ``batch`` through the loop's own path (micro-batches, precision, clipping,
+        OOM recompute, the step stage). For measuring trials (bench, tune, batch-size search): the step
+        counts (``global_step``), the epoch position does not move; wrap it in ``state.snapshot()`` /
+        ``state.restore()`` when the model must come out unchanged."""
+        state = self.state
+        self.model.train()
+        inputs, targets = unpack_batch(batch, "batch")
+        state.window.clear()
+        state.window.batches.append((inputs, targets, 0))
+        try:
+            self._accumulate(inputs, targets, 0)
+        except OOM_ERRORS as error:
+            self._recompute_window(error)
+        if state.window.samples:
+            self._step()
+
     def _weighted_window(self) -> bool:
         return self.state.accumulate_grad_batches > 1 or self.micro_batch_size is not None
 

@@ -32,9 +32,7 @@ from torch import nn
 from adaptrain.profiling.measure import (CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, LiveTensorMeter, MiB, call_model,
                       count_flops, map_tensors, resolve_device, tensor_bytes)
 from adaptrain.core.precision import PRECISIONS, precision_support
-
-AUTOCAST_DTYPE: dict[str, torch.dtype | None] = {"32": None, "16-mixed": torch.float16,
-                                                 "bf16-mixed": torch.bfloat16}
+from adaptrain.core.trainer import Trainer
 
 # Dense (no sparsity) peak FLOP/s from NVIDIA datasheets, matched by substring of
 # torch.cuda.get_device_name(); the more specific names come first.
@@ -189,22 +187,11 @@ def _measure(make_model: Callable[[], nn.Module], batch: Any, precision: str, de
     """Per-step times (ms) of ``steps`` training steps after ``warmup``, and peak memory (MiB)."""
     model = make_model().to(dev).train()
     opt = optimizer_factory(model.parameters())
-    run = torch.compile(model) if compile else model
-    inputs, targets = batch
-    dtype = AUTOCAST_DTYPE[precision]
-    scaler = torch.amp.GradScaler(dev.type) if precision == "16-mixed" else None
+    # The step fit runs (same precision plugin, micro-batching, clipping, step stage), not a copy of it.
+    trainer = Trainer(model, opt, criterion, precision=precision, device=dev, compile=compile, progress=False)
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = criterion(call_model(run, inputs), targets)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)  # reads the inf/NaN check: a CPU-GPU sync point, inherent to fp16 scaling
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer.run_step(batch)
 
     for _ in range(warmup):
         step()
