@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from adaptrain import Callback
 from adaptrain.cli.main import main
 from tests.cli_data import base_config, tiny_datasets, write_config
 
@@ -286,3 +288,173 @@ def test_fit_with_a_bad_checkpoint_writes_nothing(config_file, tmp_path, capsys)
     code, _, err = run(["fit", "--config", config_file, f"ckpt_path={bad}"], capsys)
     assert code == 2 and "ckpt_path could not be loaded" in err and "is not a checkpoint or is corrupt" in err
     assert run_folders(tmp_path / "runs") == []
+
+
+# ---------------------------------------------------------------------- errors while running
+def three_tensors():
+    """A data factory whose batches are (x, y, z): not a batch structure the trainer takes."""
+    x = torch.randn(16, 8)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, 0].long().abs() % 3, x), batch_size=4)
+
+
+def nan_inputs():
+    """A data factory whose inputs are NaN: the loss is NaN from the first batch."""
+    x = torch.full((32, 8), float("nan"))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=8)
+
+
+class InterruptBeforeTheFirstStep(Callback):
+    def before_batch(self, trainer):
+        raise KeyboardInterrupt
+
+
+class FailAfterTheFirstEpoch(Callback):
+    def after_epoch(self, trainer):
+        raise RuntimeError("disk on fire")
+
+
+def _store(tmp_path, capsys):
+    from tests.cli_data import mlflow_store
+
+    pytest.importorskip("mlflow")
+    uri = mlflow_store(tmp_path / "elsewhere" / "mlflow.db")  # outside root_dir: root must stay absent
+    capsys.readouterr()  # MLflow's own set-up logs are not the CLI's output
+    return uri
+
+
+def _mlflow_runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+EARLY_FAILURES = [  # id, overrides, what the one line must say
+    ("model-on-shapes", ["model.init_args.in_features=5"], "the model (Linear) failed on inputs"),
+    ("batch-structure", ["data.class_path=tests.cli.test_main.three_tensors"], "BatchStructureError: train_loader yielded"),
+    ("callback-raises", ["callbacks=[{class_path: tests.cli.test_main.InterruptBeforeTheFirstStep}]"], None),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", [case[1:] for case in EARLY_FAILURES], ids=[c[0] for c in EARLY_FAILURES])
+def test_failing_before_the_first_step_is_one_line_and_leaves_nothing(tmp_path, capsys, overrides, expected):
+    uri = _store(tmp_path, capsys)
+    config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={
+        "mlflow": {"tracking_uri": uri, "log_system_metrics": False}, "tensorboard": {}}))
+    code, out, err = run(["fit", "--config", config, *overrides], capsys)
+    assert not (tmp_path / "runs").exists()  # no run folder, no experiment folder, no root
+    assert _mlflow_runs(uri) == []  # no FAILED (or KILLED) MLflow run
+    if expected is None:  # Ctrl-C keeps its exit code
+        assert code == 130 and "interrupted" in err
+        return
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith("adaptrain: error: fit failed before its first optimizer step: ") and expected in lines[0]
+    assert lines[1] == "adaptrain: nothing was kept (the run had not trained yet); --debug prints it here"
+
+
+def test_debug_prints_the_traceback_too(config_file, tmp_path, capsys):
+    code, _, err = run(["fit", "--config", config_file, "model.init_args.in_features=5", "--debug"], capsys)
+    assert code == 1
+    assert err.startswith("Traceback (most recent call last):") and "mat1 and mat2" in err
+    assert err.strip().splitlines()[-2].startswith("adaptrain: error: fit failed before its first optimizer step: ")
+
+
+def test_failing_after_the_first_step_keeps_the_run_with_its_traceback(tmp_path, capsys):
+    uri = _store(tmp_path, capsys)
+    config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={
+        "mlflow": {"tracking_uri": uri, "log_system_metrics": False}}))
+    code, _, err = run(["fit", "--config", config, "run_name=nan", "data.class_path=tests.cli.test_main.nan_inputs"], capsys)
+    assert code == 1
+    log = tmp_path / "runs/tiny/nan/train.log"
+    lines = err.strip().splitlines()
+    # The NaN is seen at the first refresh point (batch 2, after two optimizer steps).
+    assert lines[0].startswith("adaptrain: error: fit failed at epoch 1, batch 2 (optimizer step 2): NonFiniteLossError: "
+                               "non-finite loss"), err
+    assert lines[1] == f"adaptrain: the traceback is in {log}; --debug prints it here" and len(lines) == 2
+    text = log.read_text()
+    assert "error: NonFiniteLossError: non-finite loss" in text and "Traceback (most recent call last):" in text
+    assert "end (failed)" in text.splitlines()[-1]
+    (failed,) = _mlflow_runs(uri)
+    assert failed.info.status == "FAILED"
+
+
+def test_a_config_error_found_while_running_exits_2(config_file, tmp_path, capsys):
+    checkpoint = "callbacks=[{class_path: adaptrain.ModelCheckpoint, init_args: {monitor: train_los}}]"
+    code, _, err = run(["fit", "--config", config_file, "run_name=typo", checkpoint], capsys)
+    assert code == 2 and "train_los" in err.splitlines()[0] and "Traceback" not in err
+
+
+def test_an_error_after_an_epoch_is_in_train_log(config_file, tmp_path, capsys):
+    code, _, err = run(["fit", "--config", config_file, "run_name=boom",
+                        "callbacks=[{class_path: tests.cli.test_main.FailAfterTheFirstEpoch}]"], capsys)
+    assert code == 1 and "fit failed at epoch" in err and "disk on fire" in err
+    assert "RuntimeError: disk on fire" in (tmp_path / "runs/tiny/boom/train.log").read_text()
+
+
+def test_evaluation_that_fails_leaves_nothing(config_file, tmp_path, capsys):
+    code, _, err = run(["test", "--config", config_file, "model.init_args.in_features=5"], capsys)
+    assert code == 1 and err.startswith("adaptrain: error: test failed: RuntimeError: the model (Linear) failed")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_exit_codes_are_in_the_help(capsys):
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit codes: 0 done; 1 the run failed" in " ".join(out.split()) and "--debug" in out and "--new-run" in out
+
+
+# ---------------------------------------------------------------------- resuming continues the run
+def test_resume_continues_the_run_folder_mlflow_run_and_event_files(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = _store(tmp_path, capsys)
+    config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={
+        "mlflow": {"tracking_uri": uri, "log_system_metrics": False}, "tensorboard": {}},
+        callbacks=[{"class_path": "adaptrain.ModelCheckpoint"}]))
+    assert run(["fit", "--config", config, "run_name=r"], capsys)[0] == 0
+    folder = tmp_path / "runs/tiny/r"
+    first_id = json.loads((folder / "mlflow.json").read_text())["run_id"]
+    code, out, err = run(["fit", "--config", folder / "config.yaml", f"ckpt_path={folder}/checkpoints/last.ckpt",
+                          "trainer.max_epochs=3"], capsys)
+    assert code == 0, err
+    assert f"run folder: {folder}  (seed 0; continuing the run in it" in out
+    assert run_folders(tmp_path / "runs") == [folder]  # no second folder
+    assert (folder / "config.resume-1.yaml").is_file() and "max_epochs: 2" in (folder / "config.yaml").read_text()
+    assert [r["epoch"] for r in csv.DictReader(open(folder / "history.csv"))] == ["1", "2", "3"]
+    log = (folder / "train.log").read_text()
+    assert log.count(" start fit: ") == 2 and " resume fit at epoch 2, optimizer step 8" in log
+    (only,) = _mlflow_runs(uri)  # the same MLflow run, continued
+    assert only.info.run_id == first_id and only.info.status == "FINISHED"
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(first_id, "val_loss")] == [1, 2, 3]
+    assert only.data.tags["adaptrain.resumed_at_step"] == "8"
+    assert json.loads(only.data.tags["adaptrain.resume_changed_params"])["trainer.max_epochs"] == "3"
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_loss")] == [1, 2, 3]  # one run in TensorBoard, both event files
+
+    # --new-run: the same checkpoint, resumed into a new folder and a new MLflow run.
+    code, _, err = run(["fit", "--config", folder / "config.yaml", f"ckpt_path={folder}/checkpoints/last.ckpt",
+                        "trainer.max_epochs=4", "--new-run"], capsys)
+    assert code == 0, err
+    assert run_folders(tmp_path / "runs") == [folder, tmp_path / "runs/tiny/r-2"]
+    assert sorted(len(client.get_metric_history(r.info.run_id, "val_loss")) for r in _mlflow_runs(uri)) == [1, 3]
+
+
+def test_a_resume_that_fails_before_its_first_step_changes_nothing(tmp_path, capsys):
+    config = write_config(tmp_path / "run.yaml", base_config(
+        tmp_path / "runs", callbacks=[{"class_path": "adaptrain.ModelCheckpoint"}]))
+    assert run(["fit", "--config", config, "run_name=r"], capsys)[0] == 0
+    folder = tmp_path / "runs/tiny/r"
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    log = (folder / "train.log").read_text()
+    code, _, err = run(["fit", "--config", folder / "config.yaml", f"ckpt_path={folder}/checkpoints/last.ckpt",
+                        "trainer.max_epochs=3", "data.class_path=tests.cli.test_main.three_tensors"], capsys)
+    assert code == 1 and "before its first optimizer step" in err
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # no config.resume-1.yaml left
+    assert (folder / "train.log").read_text() == log

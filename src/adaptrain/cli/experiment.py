@@ -1,8 +1,11 @@
 """An experiment from a resolved config: build every object, then open the run folder.
 
 :func:`build` imports, checks and constructs everything the config names and writes nothing, so
-a bad config fails before any file exists; :func:`open_run` then creates the run folder, saves the
-resolved config in it and tells the trainer (``trainer.run_dir``) and the loggers where it is.
+a bad config fails before any file exists; :func:`open_run` then creates the run folder (or, for a
+``fit`` resumed from a run folder's checkpoint, reopens that folder), saves the resolved config in
+it and tells the trainer (``trainer.run_dir``) and the loggers where it is. The
+:class:`~adaptrain.loggers.run_dir.OpenedRun` it returns undoes that when the run fails before
+its first optimizer step.
 
 Example:
     >>> from adaptrain.cli.config import load_config
@@ -33,7 +36,7 @@ from adaptrain.errors import ConfigError
 from adaptrain.cli.instantiate import Loaders, build_loaders, call, instantiate, resolve
 from adaptrain.loggers import BUILTIN_LOGGERS
 from adaptrain.loggers.base import Logger, RunInfo
-from adaptrain.loggers.run_dir import RunDir, create_run_dir
+from adaptrain.loggers.run_dir import OpenedRun, RunDir, open_run_dir
 from adaptrain.core.state import seed_everything
 from adaptrain.core.trainer import Trainer
 
@@ -180,8 +183,9 @@ def _fail(key: str, message: str) -> None:
 
 def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> None:
     if ckpt_path == "last":
-        raise ConfigError("ckpt_path", 'is "last", which the CLI cannot resolve (every run gets a new folder); '
-                          "expected a checkpoint file, e.g. runs/<experiment>/<run>/checkpoints/last.ckpt.")
+        raise ConfigError("ckpt_path", 'is "last", which the CLI cannot resolve (it does not know which run); '
+                          "expected a checkpoint file, e.g. runs/<experiment>/<run>/checkpoints/last.ckpt "
+                          "(fit then continues that run).")
     if not Path(ckpt_path).is_file():
         raise ConfigError("ckpt_path", f'is "{ckpt_path}", which is not a file.')
     if verb == "fit":  # checked here, before the run folder exists; fit(ckpt_path=...) checks the rest
@@ -206,17 +210,46 @@ def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> None:
             raise ConfigError("ckpt_path", f"could not be loaded: {error}") from error
 
 
-def open_run(built: Built, verb: str) -> RunDir | None:
-    """Create the run folder, save the resolved config there, and tell the trainer and loggers."""
+def resumable_run(ckpt_path: str | None) -> RunDir | None:
+    """The run folder a checkpoint lives in (``<run>/checkpoints/<file>`` next to ``<run>/config.yaml``).
+
+    Example:
+        >>> resumable_run("elsewhere/model.ckpt") is None
+        True
+    """
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path)
+    if path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
+        return None
+    return RunDir.at(path.parent.parent)
+
+
+def open_run(built: Built, verb: str, new_run: bool = False) -> OpenedRun | None:
+    """Create the run folder, save the resolved config there, and tell the trainer and loggers.
+
+    ``fit`` from a checkpoint of a run folder continues that run (``new_run=False``): the folder
+    is reused, the config is saved as ``config.resume-<n>.yaml`` beside the first one, and the
+    MLflow logger finds its run id there. ``new_run=True`` always opens a new folder.
+    """
     config = built.config
     if not distributed.is_global_zero():
         return None  # one folder per run: rank zero writes it
-    run = create_run_dir(config["root_dir"], config["experiment"], config["run_name"], verb)
+    previous = resumable_run(config["ckpt_path"]) if verb == "fit" and not new_run else None
+    if previous is not None:
+        opened = OpenedRun(previous, resumed=True)
+        run, saved = previous, previous.next_resume_config()
+    else:
+        opened = open_run_dir(config["root_dir"], config["experiment"], config["run_name"], verb)
+        run = opened.run
+        saved = run.config
+    opened.remember()  # what the folder held before this command wrote to it
     config["run_name"] = run.name  # re-running the saved config then gets "<name>-2"
-    run.config.write_text(to_yaml(config))
+    saved.write_text(to_yaml(config))
+    opened.written.append(saved)
     built.trainer.run_dir = run.path  # ModelCheckpoint saves under <run_dir>/checkpoints
     info = RunInfo(config["experiment"], run.name, run, Path(config["root_dir"]), flatten(config), verb)
     for logger in built.loggers:
         if isinstance(logger, Logger):
             logger.bind(info)
-    return run
+    return opened

@@ -9,7 +9,20 @@
 
 Everything is imported, checked and built before the run folder is created: a bad config exits
 with code 2 and one line naming the key, the file and what was expected, and writes nothing.
-Exit codes: 0 done, 1 the run failed, 2 bad config or arguments, 130 interrupted.
+An error while running is one line too (the kind of error, where, and what it said); the full
+traceback goes to the run folder's ``train.log`` and, with ``--debug``, to stderr. A run that
+fails before its first optimizer step leaves nothing behind (no run folder, no MLflow run).
+
+Exit codes:
+    0    done
+    1    the run failed: an error while training or evaluating (the model on a batch, the batch
+         structure, a NaN loss, a callback, the disk ...)
+    2    a bad config, argument or checkpoint, or a missing optional extra; before any work, or
+         found once running (a monitored value no loader produces)
+    130  interrupted (Ctrl-C); after saving a checkpoint, 143 on SIGTERM, 138 on SLURM's SIGUSR1
+
+``fit`` with ``ckpt_path=runs/<exp>/<run>/checkpoints/<file>`` continues that run: the same folder
+(the config saved as ``config.resume-<n>.yaml``) and the same MLflow run; ``--new-run`` opens a new one.
 
 Example:
     >>> main(["fit", "--config", "no-such.yaml"])
@@ -21,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,9 +49,22 @@ from adaptrain.cli.experiment import Built, build, first_loader, open_run
 from adaptrain.cli.instantiate import instantiate
 from adaptrain.loggers.base import Logger
 from adaptrain.core.losses import split_loss
-from adaptrain.loggers.run_dir import RunDir
+from adaptrain.loggers.run_dir import OpenedRun
 
 _RUN_VERBS = ("fit", "validate", "test", "predict")
+#: Errors that mean "the input is wrong" (exit 2): they name the key, file or package to fix.
+_INPUT_ERRORS = (ConfigError, MissingExtraError, CheckpointError)
+_EXIT_HELP = ("exit codes: 0 done; 1 the run failed (the traceback is in the run folder's train.log, "
+              "--debug prints it); 2 bad config, arguments or checkpoint, or a missing extra; "
+              "130 interrupted; 143 / 138 stopped by SIGTERM / SIGUSR1 after saving a checkpoint")
+
+
+class RunFailed(Exception):
+    """An error out of a verb's run, with where it happened and what the run folder kept."""
+
+    def __init__(self, error: Exception, where: str, log: Path | None, discarded: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.where, self.log, self.discarded = error, where, log, discarded
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,9 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         return args.run(args)
-    except (ConfigError, MissingExtraError, CheckpointError) as error:
-        print(f"adaptrain: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - every error becomes one line and an exit code
+        return _report(error, getattr(args, "debug", False))
     except KeyboardInterrupt:
         print("adaptrain: interrupted", file=sys.stderr)
         return 130
@@ -67,20 +93,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 1
 
 
+def _report(error: Exception, debug: bool) -> int:
+    """Print ``error`` as one line (and where its traceback is); return its exit code."""
+    failed = error if isinstance(error, RunFailed) else None
+    cause = failed.error if failed else error
+    code = 2 if isinstance(cause, _INPUT_ERRORS) else 1
+    if debug:
+        traceback.print_exception(cause, file=sys.stderr)
+    print(f"adaptrain: error: {failed.where + ': ' if failed else ''}{_describe(cause)}", file=sys.stderr)
+    if failed or code == 1:
+        debug_hint = "" if debug else "; --debug prints it here"
+        if failed and failed.log is not None:
+            print(f"adaptrain: the traceback is in {failed.log}{debug_hint}", file=sys.stderr)
+        elif failed and failed.discarded:
+            print(f"adaptrain: nothing was kept (the run had not trained yet){debug_hint}", file=sys.stderr)
+        elif not debug:
+            print("adaptrain: --debug prints the traceback", file=sys.stderr)
+    return code
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` (adaptrain's input errors read as a sentence already), with any notes."""
+    text = str(error).strip() if isinstance(error, _INPUT_ERRORS) else f"{type(error).__name__}: {str(error).strip()}"
+    notes = [note for note in getattr(error, "__notes__", []) if note not in text]
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptrain", description="Train PyTorch models from YAML configs.",
-        epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 optimizer.init_args.lr=0.01")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 optimizer.init_args.lr=0.01"
+               "\n" + _EXIT_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{fit,validate,test,predict,profile,bench,forecast}")
     config_args = argparse.ArgumentParser(add_help=False)
     config_args.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                              help="YAML config; repeat to merge several (later files win)")
     config_args.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
     config_args.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    config_args.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
     helps = {"fit": "train, validating every epoch", "validate": "evaluate on the val loader",
              "test": "evaluate on the test loader", "predict": "save model outputs to predictions.pt"}
     for verb in _RUN_VERBS:
-        verbs.add_parser(verb, parents=[config_args], help=helps[verb]).set_defaults(run=_run_verb)
+        sub = verbs.add_parser(verb, parents=[config_args], help=helps[verb], epilog=_EXIT_HELP)
+        sub.set_defaults(run=_run_verb)
+        if verb == "fit":
+            sub.add_argument("--new-run", action="store_true",
+                             help="with ckpt_path=<run>/checkpoints/<file>: resume into a new run folder and "
+                                  "MLflow run instead of continuing that run")
     prof = verbs.add_parser("profile", parents=[config_args], help="params, FLOPs, latency and memory of the model")
     prof.add_argument("--warmup", type=int, default=10)
     prof.add_argument("--runs", type=int, default=50)
@@ -103,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     fc.add_argument("--at", type=float, required=True, help="the epoch to forecast")
     fc.add_argument("--mode", choices=["min", "max"], help="default: min for losses, else max")
     fc.add_argument("--plot", metavar="PNG", help="also plot the fits and the interval")
+    fc.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
     fc.set_defaults(run=_forecast)
     return parser
 
@@ -121,18 +182,28 @@ def _run_verb(args: argparse.Namespace) -> int:
     if config is None:
         return 0
     built = build(config, args.verb)
-    run = open_run(built, args.verb)
+    run = open_run(built, args.verb, new_run=getattr(args, "new_run", False))
     trainer, loaders = built.trainer, built.loaders
     say = trainer.print
     if run is not None:
-        say(f"run folder: {run.path}  (seed {config['trainer']['seed']})")
+        resumed = "; continuing the run in it (--new-run for a new folder)" if run.resumed else ""
+        say(f"run folder: {run.path}  (seed {config['trainer']['seed']}{resumed})")
     if args.verb != "fit" and config["ckpt_path"] is None:
         say(f"note: no ckpt_path given: {args.verb} uses the model's initial weights "
             "(pass ckpt_path=runs/<experiment>/<run>/checkpoints/<file>).")
-    if args.verb == "fit":
-        trainer.fit(loaders.train, loaders.val, ckpt_path=config["ckpt_path"])
-    else:
-        _evaluate(built, args.verb, run)
+    try:
+        if args.verb == "fit":
+            trainer.fit(loaders.train, loaders.val, ckpt_path=config["ckpt_path"])
+        else:
+            _evaluate(built, args.verb, run)
+    except Exception as error:
+        discarded = run is not None and run.discard()  # failed before training: leave nothing behind
+        log = run.run.log if run is not None and not discarded and run.run.log.is_file() else None
+        raise RunFailed(error, _where_failed(trainer, args.verb, discarded), log, discarded) from error
+    except BaseException:  # Ctrl-C, or a signal's SystemExit: its exit code stands
+        if run is not None:
+            run.discard()
+        raise
     for logger in built.loggers:
         where = _where(logger)
         if where:
@@ -140,28 +211,44 @@ def _run_verb(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(built: Built, verb: str, run: RunDir | None) -> None:
-    """validate / test / predict, with the loggers opened and closed around it."""
+def _where_failed(trainer: Any, verb: str, discarded: bool) -> str:
+    """``fit failed at epoch 2, batch 17 (optimizer step 33)``, or before its first step."""
+    if discarded:
+        return f"{verb} failed before its first optimizer step" if verb == "fit" else f"{verb} failed"
+    if verb != "fit":
+        return f"{verb} failed"
+    state = trainer.state
+    return (f"fit failed at epoch {state.epoch + 1}, batch {state.batch_idx} "
+            f"(optimizer step {state.global_step})")
+
+
+def _evaluate(built: Built, verb: str, run: OpenedRun | None) -> None:
+    """validate / test / predict; the loggers open once the results exist (a failure leaves no run)."""
     trainer, loaders = built.trainer, built.loaders
+    if verb == "predict":
+        outputs = trainer.predict(first_loader(loaders.predict, loaders.test, loaders.val))
+    else:
+        results = getattr(trainer, verb)(getattr(loaders, "val" if verb == "validate" else "test"))
     loggers = sorted((lg for lg in built.loggers if isinstance(lg, Logger)), key=lambda lg: lg.order)
     for logger in loggers:
         logger.start(trainer)
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
         if verb == "predict":
-            outputs = trainer.predict(first_loader(loaders.predict, loaders.test, loaders.val))
             if run is not None:
                 torch.save(outputs, run.path / "predictions.pt")
             trainer.print(f"predictions: {describe(outputs)} -> {run.path / 'predictions.pt' if run else '(not saved)'}")
         else:
-            results = getattr(trainer, verb)(getattr(loaders, "val" if verb == "validate" else "test"))
             for logger in loggers:
                 logger.log_results(verb, results)
             trainer.print(f"{verb}: {format_values(results)}")
         status = "FINISHED"
+    except BaseException as raised:
+        error = raised
+        raise
     finally:
         for logger in loggers:
-            logger.finish(status)
+            logger.finish(status, error)
 
 
 def _where(logger: Any) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Mapping
@@ -33,14 +34,15 @@ def epoch_line(record: Mapping[str, Any], max_epochs: int) -> str:
 class CSVLogger(Logger):
     """Writes ``history.csv`` and ``history.json`` after every epoch (atomically, so a crash or a
     reader never sees half a file), ``history.png`` at the end, and ``train.log``: start info, the
-    progress bar's per-epoch lines, and end info (status, time, stop reason).
+    progress bar's per-epoch lines, and end info (status, time, stop reason, and the full traceback
+    when the run failed). Nothing is written before the first optimizer step.
 
     An observer: changes nothing. Runs before the other loggers (``order`` 80), so the files
     exist when MLflow uploads them at the end of the run.
 
     Args:
-        run_dir: the folder to write to; default ``trainer.run_dir`` (set by the CLI), else
-            ``runs/default/<timestamp>``.
+        run_dir: the folder to write to (the trainer's other loggers then use it too); default
+            ``trainer.run_dir`` (set by the CLI), else a new ``runs/default/<timestamp>``.
         plot: write ``history.png`` at the end of ``fit``.
 
     Example:
@@ -56,25 +58,34 @@ class CSVLogger(Logger):
         self.plot = plot
         self._log: IO[str] | None = None
         self._files: RunDir | None = None
-        self._start_time = 0.0
 
     @property
     def files(self) -> RunDir | None:
         """The paths of the run folder, once started."""
         return self._files
 
+    @property
+    def own_run_dir(self) -> Path | None:
+        return self.run_dir
+
+    @property
+    def needs_run_dir(self) -> bool:
+        return True
+
     def _start(self, trainer: "Trainer") -> None:
         run = self.run or RunInfo()
         if self.run_dir is not None:
-            self._files = RunDir(self.run_dir.parent.parent, self.run_dir.parent.name, self.run_dir.name)
+            self._files = RunDir.at(self.run_dir)
         else:
             self._files = run.run_dir or RunDir(run.root_dir, run.experiment, run.run_name or "run")
         self._files.path.mkdir(parents=True, exist_ok=True)
         self._log = open(self._files.log, "a", buffering=1)  # line-buffered: `tail -f` shows each epoch
-        self._start_time = time.perf_counter()
         state = trainer.state
         model_params = sum(p.numel() for p in trainer.model.parameters())
-        self._write(f"{_now()} start {run.verb}: experiment {run.experiment}, run {self._files.name}, "
+        if self.resumed_at is not None:  # appended to the log of the run it continues
+            epoch, step = self.resumed_at
+            self._write(f"{_now(self.fit_started)} resume {run.verb} at epoch {epoch}, optimizer step {step}")
+        self._write(f"{_now(self.fit_started)} start {run.verb}: experiment {run.experiment}, run {self._files.name}, "
                     f"model {type(trainer.model).__name__} ({model_params:,} parameters), "
                     f"optimizer {type(state.optimizer).__name__}, device {trainer.device}, "
                     f"precision {trainer.precision_name}, max_epochs {state.max_epochs}, "
@@ -111,11 +122,14 @@ class CSVLogger(Logger):
                     state.history.plot(files.plot)
             if state.stop_reason:
                 self._write(f"stopped: {state.stop_reason}")
-            if state.exception is not None and status != "FINISHED":
-                self._write(f"error: {type(state.exception).__name__}: {state.exception}")
+            error = self.error if self.error is not None else state.exception
+            if error is not None and status != "FINISHED":
+                self._write(f"error: {type(error).__name__}: {error}")
+                if isinstance(error, Exception):  # a failure, not Ctrl-C or a signal: the whole story
+                    self._write("".join(traceback.format_exception(error)).rstrip())
             # The resource monitor (a later issue) writes its own report to files.resources;
             # its one-line summary belongs here, before the end line.
-            elapsed = time.perf_counter() - self._start_time
+            elapsed = time.time() - self.fit_started
             counts = f"{state.epoch} epochs, {state.global_step} optimizer steps, " if state.global_step else ""
             self._write(f"{_now()} end ({status.lower()}): {counts}{elapsed:.1f}s")
         if self._log is not None:
@@ -127,5 +141,6 @@ class CSVLogger(Logger):
             self._log.write(line + "\n")
 
 
-def _now() -> str:
-    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+def _now(timestamp: float | None = None) -> str:
+    moment = datetime.fromtimestamp(timestamp) if timestamp is not None else datetime.now()
+    return moment.strftime("%Y-%m-%d %H:%M:%S")

@@ -40,6 +40,12 @@ class MLflowLogger(Logger):
     disk, network, GPU; needs ``psutil``, skipped with a warning without it), and at the end the
     run folder's config, history, plot and log, plus the best checkpoint under ``checkpoints/``.
 
+    The run opens at the first optimizer step (a fit that fails before leaves no FAILED run) and
+    its id is stored in the run folder (``mlflow.json``): a ``fit`` resumed from a checkpoint into
+    the same folder continues that MLflow run (same id, status back to RUNNING; params it already
+    has keep their first value, the changed ones are listed in the tag
+    ``adaptrain.resume_changed_params``) instead of opening a second one.
+
     An observer: changes nothing. Rank zero only.
 
     Args:
@@ -108,13 +114,57 @@ class MLflowLogger(Logger):
         tags = {"adaptrain.verb": run.verb, **self.tags}
         if run.run_dir is not None:
             tags["adaptrain.run_dir"] = str(run.run_dir.path.resolve())
-        created = self.client.create_run(self.experiment_id, run_name=self.run_name or run.run_name, tags=tags)
-        self.run_id = created.info.run_id
-        params = [Param(key[:_MAX_KEY], _param_value(value)) for key, value in run.params.items()]
+        values = {key[:_MAX_KEY]: _param_value(value) for key, value in run.params.items()}
+        continued = self._stored_run_id(run, uri) if self.resuming else None
+        if continued is not None:
+            self.run_id = continued
+            self.client.update_run(continued, status="RUNNING")
+            had = self.client.get_run(continued).data.params  # MLflow refuses to change a param's value
+            changed = {key: value for key, value in values.items() if key in had and had[key] != value}
+            values = {key: value for key, value in values.items() if key not in had}
+            self.client.set_tag(continued, "adaptrain.resumed_at_step", str(self.resumed_at[1]))  # type: ignore[index]
+            if changed:
+                self.client.set_tag(continued, "adaptrain.resume_changed_params", json.dumps(changed)[:5000])
+        else:
+            created = self.client.create_run(self.experiment_id, run_name=self.run_name or run.run_name, tags=tags)
+            self.run_id = created.info.run_id
+        params = [Param(key, value) for key, value in values.items()]
         for start in range(0, len(params), _BATCH):
             self.client.log_batch(self.run_id, params=params[start:start + _BATCH])
+        self._store_run_id(run, uri)
         self._last_flush = time.monotonic()
         self._monitor = self._start_system_metrics(uri) if self.log_system_metrics else None
+
+    def _stored_run_id(self, run: RunInfo, uri: str) -> str | None:
+        """The run id ``mlflow.json`` holds, if it is a live run of this store (else a new run opens)."""
+        if run.run_dir is None or not run.run_dir.mlflow.is_file():
+            return None
+        try:
+            stored = json.loads(run.run_dir.mlflow.read_text())
+            if stored.get("tracking_uri") != uri:
+                warnings.warn(f"MLflowLogger: {run.run_dir.mlflow} names a run in {stored.get('tracking_uri')}, "
+                              f"not in {uri}; the resumed fit opens a new MLflow run.", RuntimeWarning, stacklevel=2)
+                return None
+            found = self.client.get_run(stored["run_id"])
+        except Exception as error:  # noqa: BLE001 - unreadable or gone from the store: record a new run
+            warnings.warn(f"MLflowLogger: cannot continue the run {run.run_dir.mlflow} names "
+                          f"({type(error).__name__}: {error}); the resumed fit opens a new MLflow run.",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        if found.info.lifecycle_stage == "deleted":
+            return None
+        self.experiment_id = found.info.experiment_id
+        return found.info.run_id
+
+    def _store_run_id(self, run: RunInfo, uri: str) -> None:
+        """Write ``mlflow.json`` into the run folder (when there is one), atomically."""
+        if run.run_dir is None or not run.run_dir.path.is_dir():
+            return
+        target = run.run_dir.mlflow
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"tracking_uri": uri, "experiment_id": self.experiment_id,
+                                   "run_id": self.run_id}, indent=1) + "\n")
+        os.replace(tmp, target)
 
     def _experiment_id(self, name: str, uri: str) -> str:
         from mlflow.exceptions import MlflowException

@@ -4,10 +4,13 @@ Layout (every path is a property of :class:`RunDir`, so writers and readers agre
 
     runs/<experiment>/<run_name>/
         config.yaml       the resolved config: `adaptrain fit --config` on it reproduces the run
+        config.resume-<n>.yaml   the config of the n-th CLI resume into this folder
         history.csv       one row per epoch (History.to_csv), rewritten after every epoch
         history.json      the same records as JSON
         history.png       loss / metric / lr curves (History.plot), written at the end
-        train.log         start info, one line per epoch (as the progress bar prints), end info
+        train.log         start info, one line per epoch (as the progress bar prints), end info,
+                          and the full traceback when the run failed
+        mlflow.json       the MLflow run of this folder (a resume continues it)
         checkpoints/      written by ModelCheckpoint through ``trainer.run_dir``
         tensorboard/      event files, when the TensorBoard logger is on
         resources.json    reserved for the resource-monitor report (a later issue)
@@ -22,12 +25,15 @@ Example:
     'baseline-2'
     >>> create_run_dir(run.root, "mnist1d", "baseline", verb="test").name
     'baseline-test'
+    >>> RunDir.at(run.path) == run
+    True
 """
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -42,6 +48,12 @@ class RunDir:
     root: Path
     experiment: str
     name: str
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> "RunDir":
+        """The RunDir of the folder ``path`` (``<root>/<experiment>/<name>``)."""
+        path = Path(path)
+        return cls(path.parent.parent, path.parent.name, path.name)
 
     @property
     def path(self) -> Path:
@@ -74,6 +86,22 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
+
+    @property
+    def mlflow(self) -> Path:
+        """``{"tracking_uri", "experiment_id", "run_id"}`` of the MLflow run recording this folder."""
+        return self.path / "mlflow.json"
+
+    def resume_config(self, number: int) -> Path:
+        """Where the CLI saves the config of the ``number``-th resume into this folder."""
+        return self.path / f"config.resume-{number}.yaml"
+
+    def next_resume_config(self) -> Path:
+        """The first ``config.resume-<n>.yaml`` not written yet."""
+        number = 1
+        while self.resume_config(number).exists():
+            number += 1
+        return self.resume_config(number)
 
     @property
     def resources(self) -> Path:
@@ -138,3 +166,57 @@ def _candidates(base: str, verb: str) -> Iterator[str]:
         yield stem
     for number in range(2, 10_000):
         yield f"{stem}-{number}"
+
+
+@dataclass
+class OpenedRun:
+    """A run folder as one command opened it: what it created and wrote, to undo a failed start.
+
+    :meth:`discard` removes exactly that, and only while the run has not recorded anything: a
+    run that failed before its first optimizer step (its loggers start there) leaves nothing
+    behind, while a folder with a ``train.log``, checkpoints or a user's own files is kept. For
+    a resumed run folder, only this command's files go, while ``train.log`` has not grown.
+    """
+
+    run: RunDir
+    resumed: bool = False  # an existing run folder, continued (a CLI resume)
+    written: list[Path] = field(default_factory=list)  # files this command wrote
+    created: list[Path] = field(default_factory=list)  # folders this command created, outermost first
+    log_size: int | None = None  # train.log's size when the command opened the folder
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    def remember(self) -> None:
+        """Note what the folder holds now (before this command writes to it)."""
+        self.log_size = self.run.log.stat().st_size if self.run.log.is_file() else None
+
+    def discard(self) -> bool:
+        """Undo the opening if the run recorded nothing; True when this command's traces are gone."""
+        folder = self.run.path
+        if not folder.is_dir():
+            return False
+        if self.resumed:
+            size = self.run.log.stat().st_size if self.run.log.is_file() else None
+            if size != self.log_size:
+                return False
+        elif any(path not in self.written for path in folder.iterdir()):
+            return False
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        for made in reversed(self.created):  # the run folder, then the experiment and root if new
+            try:
+                made.rmdir()
+            except OSError:  # not empty (another run appeared meanwhile) or already gone: keep it
+                break
+        return True
+
+
+def open_run_dir(root: str | Path, experiment: str, run_name: str | None = None, verb: str = "fit") -> OpenedRun:
+    """:func:`create_run_dir`, remembering which folders were new (for :meth:`OpenedRun.discard`)."""
+    root = Path(root)
+    new = [folder for folder in (*reversed((root / experiment).parents), root / experiment)
+           if folder != Path(".") and not folder.exists()]
+    run = create_run_dir(root, experiment, run_name, verb)
+    return OpenedRun(run, created=[*new, run.path])

@@ -46,16 +46,21 @@ class TensorBoardLogger(Logger):
     def __init__(self, log_dir: str | Path | None = None, flush_secs: int = 10, log_hparams: bool = True) -> None:
         super().__init__()
         _require_tensorboard()
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_dir = Path(log_dir) if log_dir is not None else None  # where it writes, once started
+        self._given_log_dir = self.log_dir
         self.flush_secs = flush_secs
         self.log_hparams = log_hparams
         self.writer: Any = None
+
+    @property
+    def needs_run_dir(self) -> bool:
+        return self._given_log_dir is None  # its event files go into the run folder's tensorboard/
 
     def _start(self, trainer: "Trainer") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         run = self.run or RunInfo()
-        log_dir = self.log_dir or (run.run_dir.tensorboard if run.run_dir is not None
+        log_dir = self._given_log_dir or (run.run_dir.tensorboard if run.run_dir is not None
                                    else Path(run.root_dir) / run.experiment / (run.run_name or "run") / "tensorboard")
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
