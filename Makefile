@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml requirements-lock.txt
 demo: $(STAMP)
 	$(BIN)/python examples/mnist1d_demo.py
 
+# The house rules run with the tests: lint (with a complexity limit), the layer contracts, then the
+# tests and every docstring example (--doctest-modules).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q --doctest-modules src tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
