@@ -115,8 +115,10 @@ def split_micro_batches(inputs: Any, targets: Any, micro_batch_size: int | None)
         >>> [(a.shape[0], b["label"].tolist()) for a, b in split_micro_batches(x, y, 2)]
         [(2, [0, 1]), (2, [2, 3]), (1, [4])]
     """
+    if micro_batch_size is None:
+        return [(inputs, targets)]
     size = batch_size_of(inputs, targets)
-    if micro_batch_size is None or micro_batch_size >= size:
+    if micro_batch_size >= size:
         return [(inputs, targets)]
     return [(_slice(inputs, start, start + micro_batch_size, size), _slice(targets, start, start + micro_batch_size, size))
             for start in range(0, size, micro_batch_size)]

@@ -38,6 +38,9 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
 
 
+_STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{stage}") for stage in CANCEL_EXCEPTIONS}
+
+
 class TrainingLoop:
     """The loop's methods; :class:`~adaptrain.Trainer` holds the arguments and the public API."""
 
@@ -86,7 +89,7 @@ class TrainingLoop:
             for batch in batches:
                 compute_start = time.perf_counter()
                 state.data_time += compute_start - fetch_start
-                samples = batch_size_of(*unpack_batch(batch, "train_loader"))
+                samples = batch_size_of(*unpack_batch(batch, "train_loader"))  # the position counts what was fetched
                 state.batch, state.batch_idx = batch, state.batch_idx + 1
                 state.epoch_samples += samples
                 state.samples_seen += samples
@@ -129,10 +132,11 @@ class TrainingLoop:
 
     def _train_batch(self) -> None:
         state = self.state
-        inputs, targets = unpack_batch(state.batch, "train_loader")
-        state.window.batches.append((inputs, targets, state.batch_idx))
+        inputs, targets = unpack_batch(state.batch, "train_loader")  # before_batch may have replaced the batch
+        state.batch_samples = batch_size_of(inputs, targets)
+        state.window.batches.append((inputs, targets, state.batch_idx, state.batch_samples))
         try:
-            self._accumulate(inputs, targets, state.batch_idx)
+            self._accumulate(inputs, targets, state.batch_idx, state.batch_samples)
         except OOM_ERRORS as error:
             self._recompute_window(error)
         self.callbacks.fire(Event.AFTER_BACKWARD.value, self)
@@ -145,13 +149,14 @@ class TrainingLoop:
         if state.batch_idx % self.log_every_n_steps == 0:
             self._refresh()
 
-    def _accumulate(self, inputs: Any, targets: Any, tag: int) -> None:
+    def _accumulate(self, inputs: Any, targets: Any, tag: int, batch_samples: int) -> None:
         """Forward and backward of one loader batch, micro-batch by micro-batch, into ``.grad``."""
         state = self.state
         weighted = self._weighted_window()
-        for micro_inputs, micro_targets in split_micro_batches(inputs, targets, self.micro_batch_size):
+        micro_batches = split_micro_batches(inputs, targets, self.micro_batch_size)
+        for micro_inputs, micro_targets in micro_batches:
             outputs, loss, parts = self._forward(micro_inputs, micro_targets, "train_loader")
-            size = batch_size_of(micro_inputs, micro_targets)
+            size = batch_size_of(micro_inputs, micro_targets) if len(micro_batches) > 1 else batch_samples
             state.outputs, state.loss = outputs, loss
             if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
                 state.skipped_batches += 1
@@ -169,10 +174,11 @@ class TrainingLoop:
         state = self.state
         self.model.train()
         inputs, targets = unpack_batch(batch, "batch")
+        state.batch_samples = batch_size_of(inputs, targets)
         state.window.clear()
-        state.window.batches.append((inputs, targets, 0))
+        state.window.batches.append((inputs, targets, 0, state.batch_samples))
         try:
-            self._accumulate(inputs, targets, 0)
+            self._accumulate(inputs, targets, 0, state.batch_samples)
         except OOM_ERRORS as error:
             self._recompute_window(error)
         if state.window.samples:
@@ -193,8 +199,8 @@ class TrainingLoop:
                 torch.cuda.empty_cache()
             self.on_out_of_memory(error)  # raises when nothing smaller can be tried
             try:
-                for inputs, targets, tag in state.window.batches:
-                    self._accumulate(inputs, targets, tag)
+                for inputs, targets, tag, samples in state.window.batches:
+                    self._accumulate(inputs, targets, tag, samples)
                 return
             except OOM_ERRORS as again:
                 error = again
@@ -309,14 +315,15 @@ class TrainingLoop:
     # ------------------------------------------------------------------ stages
     def _with_events(self, stage: str, run: Callable[[], None], on_cancel: Callable[[], None] | None = None) -> None:
         """before_<stage>, the stage, after_cancel_<stage> if it was cancelled, after_<stage>."""
+        before, after_cancel, after = _STAGE_EVENTS[stage]
         try:
-            self.callbacks.fire(f"before_{stage}", self)  # a before_ hook may cancel the stage
+            self.callbacks.fire(before, self)  # a before_ hook may cancel the stage
             run()
         except CANCEL_EXCEPTIONS[stage]:
             if on_cancel is not None:
                 on_cancel()
-            self.callbacks.fire(f"after_cancel_{stage}", self)
-        self.callbacks.fire(f"after_{stage}", self)
+            self.callbacks.fire(after_cancel, self)
+        self.callbacks.fire(after, self)
 
     def _raise_interrupt(self) -> None:
         """A callback asked to stop (a signal): raise it once every callback has seen this step or epoch end."""

@@ -37,7 +37,7 @@ class Window:
     """The optimizer step being accumulated: its loader batches, their samples, and the values to
     track once the step succeeds (so a failed or retried step leaves the epoch's sums untouched)."""
 
-    batches: list[Any] = field(default_factory=list)
+    batches: list[tuple] = field(default_factory=list)  # (inputs, targets, batch index, samples)
     samples: int = 0  # samples whose gradients are in .grad, waiting for the step
     tracked: list[tuple] = field(default_factory=list)  # (loss, parts, outputs, targets, batch size, batch index)
 
@@ -88,6 +88,7 @@ class TrainState:
     # seen the current after_step / after_epoch, so no logger or progress bar misses that event.
     interrupt: BaseException | None = None
     batch: Any = None
+    batch_samples: int = 0  # samples in state.batch
     outputs: Any = None
     loss: torch.Tensor | None = None
     exception: BaseException | None = None
