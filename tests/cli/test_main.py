@@ -458,3 +458,53 @@ def test_a_resume_that_fails_before_its_first_step_changes_nothing(tmp_path, cap
     assert code == 1 and "before its first optimizer step" in err
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # no config.resume-1.yaml left
     assert (folder / "train.log").read_text() == log
+
+
+# ---------------------------------------------------------------------- call: false (a function as a loss)
+MULTI_IO = Path(__file__).resolve().parents[2] / "examples" / "digits_multi_io.yaml"
+
+
+def test_call_false_passes_a_plain_function_as_a_loss(tmp_path, capsys):
+    function_loss = "criterion.init_args.losses.digit={class_path: torch.nn.functional.cross_entropy, call: false}"
+    common = ["fit", "--config", MULTI_IO, f"root_dir={tmp_path}", "trainer.max_epochs=1", "loggers=null"]
+    code, _, err = run([*common, "run_name=fn", function_loss], capsys)
+    assert code == 0, err
+    code, _, err = run([*common, "run_name=module"], capsys)  # the same loss as the nn.Module
+    assert code == 0, err
+
+    def digit_loss(name):
+        return float(next(csv.DictReader(open(tmp_path / "digits-multi-io" / name / "history.csv")))["train_loss_digit"])
+    assert digit_loss("fn") == pytest.approx(digit_loss("module"), rel=1e-6)
+    # With init_args, a partial: label smoothing changes the loss.
+    smoothed = function_loss.replace("call: false}", "call: false, init_args: {label_smoothing: 0.2}}")
+    assert run([*common, "run_name=smooth", smoothed], capsys)[0] == 0
+    assert digit_loss("smooth") > digit_loss("fn")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("{class_path: torch.nn.functional.cross_entropy, call: nope}",
+     'criterion.init_args.losses.digit.call is "nope"; expected true'),
+    ("{class_path: torch.nn.functional.cross_entropy, call: false, init_args: {label_smothing: 0.1}}",
+     'criterion.init_args.losses.digit.init_args.label_smothing is not an argument of torch.nn.functional.cross_entropy; '
+     'did you mean "label_smoothing"'),
+    ("{class_path: torch.nn.functional.cross_entropy, calls: false}",
+     "criterion.init_args.losses.digit.calls is not a known key; expected class_path, init_args, call"),
+])
+def test_call_false_mistakes_are_config_errors(tmp_path, capsys, spec, expected):
+    code, _, err = run(["fit", "--config", MULTI_IO, f"root_dir={tmp_path}", f"criterion.init_args.losses.digit={spec}"],
+                       capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_call_false_at_the_top_level_of_a_spec():
+    from adaptrain.cli.instantiate import instantiate
+
+    def accuracy(outputs, targets):
+        return (outputs.argmax(1) == targets).float().mean()
+
+    import tests.cli.test_main as here
+    here.accuracy = accuracy  # an importable custom function, as a user's module would hold
+    assert instantiate({"class_path": "tests.cli.test_main.accuracy", "call": False}, "metrics.acc") is accuracy
+    assert isinstance(instantiate({"class_path": "torch.nn.CrossEntropyLoss", "call": True}, "criterion"),
+                      torch.nn.CrossEntropyLoss)  # call: true is the default: the class is called

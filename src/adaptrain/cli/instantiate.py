@@ -6,6 +6,10 @@ reported as ``model.init_args.hiden is not an argument of adaptrain.models.MLP; 
 "hidden"?`` instead of a traceback from deep inside the constructor. Dicts inside ``init_args``
 that have a ``class_path`` are built the same way (e.g. the losses of a ``MultiLoss``).
 
+``call: false`` passes the named object itself instead of calling it: a plain function as a loss
+or a metric (``{class_path: torch.nn.functional.cross_entropy, call: false}``); with ``init_args``
+it becomes ``functools.partial(object, **init_args)`` (the names are checked against its signature).
+
 Example:
     >>> instantiate({"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 1}}, "model")
     Linear(in_features=2, out_features=1, bias=True)
@@ -18,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import types
@@ -127,9 +132,63 @@ def call(target: Callable, key: str, path: str, *args: Any, **kwargs: Any) -> An
 
 
 def instantiate(spec: Mapping[str, Any], key: str, *injected: Any, args_key: str | None = None) -> Any:
-    """Import ``spec["class_path"]``, check ``init_args`` and call it with ``injected`` first."""
+    """Import ``spec["class_path"]``, check ``init_args`` and call it with ``injected`` first.
+
+    With ``call: false`` in ``spec``, the object itself (or a ``functools.partial`` of it with the
+    ``init_args``) is returned uncalled.
+
+    Example:
+        >>> instantiate({"class_path": "torch.nn.functional.nll_loss", "call": False}, "criterion").__name__
+        'nll_loss'
+        >>> instantiate({"class_path": "torch.nn.functional.cross_entropy", "call": False,
+        ...              "init_args": {"label_smoothing": 0.1}}, "criterion").keywords
+        {'label_smoothing': 0.1}
+    """
+    if not _calls(spec, key):
+        return reference(spec, key, args_key=args_key)
     target, kwargs = resolve(spec, key, injected=len(injected), args_key=args_key)
     return call(target, key, spec["class_path"], *injected, **kwargs)
+
+
+def _calls(spec: Mapping[str, Any], key: str) -> bool:
+    value = spec.get("call", True)
+    if not isinstance(value, bool):
+        shown = f'"{value}"' if isinstance(value, str) else "null" if value is None else repr(value)
+        raise ConfigError(f"{key}.call", f"is {shown}; expected true (build the object by calling class_path) "
+                          "or false (pass the object itself, e.g. a function as a loss or metric).")
+    return value
+
+
+def reference(spec: Mapping[str, Any], key: str, args_key: str | None = None) -> Any:
+    """The object ``spec["class_path"]`` names, uncalled; with ``init_args``, a partial of it.
+
+    Every ``init_args`` name must be an argument of the object (required ones may stay out: the
+    caller passes them, e.g. a loss's outputs and targets).
+    """
+    path = spec["class_path"]
+    target = import_object(path, f"{key}.class_path")
+    args_key = args_key or f"{key}.init_args"
+    init_args = spec.get("init_args") or {}
+    if not init_args:
+        return target
+    if not callable(target):
+        raise ConfigError(args_key, f'is set, but "{path}" is a {type(target).__name__}, which takes no arguments; '
+                          "remove init_args.")
+    kwargs = {name: build_nested(value, f"{args_key}.{name}") for name, value in init_args.items()}
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        parameters = None  # no readable signature (a builtin): not checked
+    if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        named = [p.name for p in parameters.values() if p.kind in _NAMED]
+        for name in kwargs:
+            if name not in named:
+                close = difflib.get_close_matches(name, named, n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else "."
+                raise ConfigError(f"{args_key}.{name}", f"is not an argument of {path}{hint} "
+                                  f"Expected: {', '.join(named) or '(no arguments)'}.")
+    _check_types(target, kwargs, args_key, path)
+    return functools.partial(target, **kwargs)
 
 
 def resolve(spec: Mapping[str, Any], key: str, injected: int = 0,
@@ -150,9 +209,10 @@ def build_nested(value: Any, key: str) -> Any:
     """Build specs found inside an argument value (mappings with a class_path), recursively."""
     if isinstance(value, Mapping):
         if "class_path" in value:
-            unknown = set(value) - {"class_path", "init_args"}
+            unknown = set(value) - {"class_path", "init_args", "call"}
             if unknown:
-                raise ConfigError(f"{key}.{sorted(unknown)[0]}", "is not a known key; expected class_path, init_args.")
+                raise ConfigError(f"{key}.{sorted(unknown)[0]}", "is not a known key; expected class_path, init_args, "
+                                  "call.")
             return instantiate(value, key)
         return {k: build_nested(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list):
