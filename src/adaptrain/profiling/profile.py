@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptrain.core.trainer import Trainer
 from adaptrain.profiling.measure import (CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, MiB, call_model, count_flops, map_tensors,
                       model_device, output_loss, peak_memory_mb, percentile, preserved_state, resolve_device,
                       saved_activation_bytes, tensor_leaves, time_ms)
@@ -182,7 +183,7 @@ class ModelProfile:
     batch_flops: int
     batch_train_flops: int | None
     latency_ms: LatencyStats
-    train_latency_ms: LatencyStats | None  # forward + backward, no optimizer step
+    train_latency_ms: LatencyStats | None  # fit's step: forward, backward, an SGD step at lr 0
     peak_mem_forward_mb: float
     peak_mem_train_mb: float | None
     activation_mb: float | None  # saved for backward at batch_size, params/buffers excluded
@@ -264,8 +265,8 @@ def profile(model: nn.Module, example_inputs: Any = None, input_shapes: Any = No
     The model's weights, grads, buffers, train/eval flags and device are left as they were, and
     so is the global RNG state. If ``device`` differs from the model's, a copy is profiled.
     Latency: ``warmup`` untimed calls, then ``runs`` timed ones, CUDA-synchronised, of an
-    eval-mode no-grad forward and of a train-mode training step (forward, sum of floating
-    outputs, backward; no optimizer step). Memory: ``CUDA_MEMORY_MEASURE``/``CPU_MEMORY_MEASURE``.
+    eval-mode no-grad forward and of a train-mode training step: fit's own step (``Trainer.run_step``)
+    on the sum of the floating outputs, with an SGD step at lr 0. Memory: ``CUDA_MEMORY_MEASURE``/``CPU_MEMORY_MEASURE``.
 
     Example:
         >>> p = profile(nn.Conv1d(1, 8, 3), input_shapes=(1, 40), device="cpu", warmup=1, runs=3)
@@ -298,12 +299,14 @@ def profile(model: nn.Module, example_inputs: Any = None, input_shapes: Any = No
         latency = LatencyStats.from_samples(time_ms(infer, dev, warmup, runs))
         mem_fwd = peak_memory_mb(infer, dev, (state, batch))
 
+        # fit's own step (Trainer.run_step, fp32 plugin) on a synthetic loss, with an SGD step at lr 0:
+        # the cheapest optimizer step, which leaves the weights as they are (and they are restored anyway).
+        params = list(work.parameters()) or [torch.zeros(0, requires_grad=True)]  # a model without weights
+        stepper = Trainer(work, torch.optim.SGD(params, lr=0.0), lambda out, _: output_loss(out), device=dev,
+                          progress=False)
+
         def train_step() -> None:
-            loss = output_loss(call_model(work, batch))
-            if loss is not None:
-                loss.backward()
-            for p in state[0]:
-                p.grad = None  # optimizer-free step: drop grads so each run starts like a fresh step
+            stepper.run_step((batch, None))
 
         notes: list[str] = []
         train_lat = mem_train = act_mb = None
