@@ -508,3 +508,14 @@ def test_call_false_at_the_top_level_of_a_spec():
     assert instantiate({"class_path": "tests.cli.test_main.accuracy", "call": False}, "metrics.acc") is accuracy
     assert isinstance(instantiate({"class_path": "torch.nn.CrossEntropyLoss", "call": True}, "criterion"),
                       torch.nn.CrossEntropyLoss)  # call: true is the default: the class is called
+
+
+def test_python_dash_m_runs_the_cli_and_a_runtime_error_is_one_line(config_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}  # tests.cli_data is importable
+    done = subprocess.run([sys.executable, "-m", "adaptrain.cli.main", "fit", "--config", str(config_file),
+                           "model.init_args.in_features=5"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("adaptrain: error: fit failed before its first optimizer step: ")
+    assert not (tmp_path / "runs").exists()

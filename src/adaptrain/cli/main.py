@@ -338,3 +338,7 @@ def _forecast(args: argparse.Namespace) -> int:
     for note in fc.notes:
         print(f"  note: {note}")
     return 0
+
+
+if __name__ == "__main__":  # python -m adaptrain.cli.main, as the console script does
+    sys.exit(main())
