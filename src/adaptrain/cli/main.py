@@ -62,7 +62,7 @@ _EXIT_HELP = ("exit codes: 0 done; 1 the run failed (the traceback is in the run
 class RunFailed(Exception):
     """An error out of a verb's run, with where it happened and what the run folder kept."""
 
-    def __init__(self, error: Exception, where: str, log: Path | None, discarded: bool) -> None:
+    def __init__(self, error: Exception, where: str, log: Path | None, discarded: Path | None) -> None:
         super().__init__(str(error))
         self.error, self.where, self.log, self.discarded = error, where, log, discarded
 
@@ -101,14 +101,14 @@ def _report(error: Exception, debug: bool) -> int:
     if debug:
         traceback.print_exception(cause, file=sys.stderr)
     print(f"adaptrain: error: {failed.where + ': ' if failed else ''}{_describe(cause)}", file=sys.stderr)
-    if failed or code == 1:
-        debug_hint = "" if debug else "; --debug prints it here"
-        if failed and failed.log is not None:
-            print(f"adaptrain: the traceback is in {failed.log}{debug_hint}", file=sys.stderr)
-        elif failed and failed.discarded:
-            print(f"adaptrain: nothing was kept (the run had not trained yet){debug_hint}", file=sys.stderr)
-        elif not debug:
-            print("adaptrain: --debug prints the traceback", file=sys.stderr)
+    if failed and failed.log is not None:
+        print(f"adaptrain: the traceback is in {failed.log}{'' if debug else ' (--debug prints it here)'}",
+              file=sys.stderr)
+    elif failed and failed.discarded is not None:
+        print(f"adaptrain: nothing was kept ({failed.discarded} removed){'' if debug else '; --debug prints the traceback'}",
+              file=sys.stderr)
+    elif (failed or code == 1) and not debug:
+        print("adaptrain: --debug prints the traceback", file=sys.stderr)
     return code
 
 
@@ -199,7 +199,8 @@ def _run_verb(args: argparse.Namespace) -> int:
     except Exception as error:
         discarded = run is not None and run.discard()  # failed before training: leave nothing behind
         log = run.run.log if run is not None and not discarded and run.run.log.is_file() else None
-        raise RunFailed(error, _where_failed(trainer, args.verb, discarded), log, discarded) from error
+        removed = (run.written[0] if run.resumed else run.path) if run is not None and discarded else None
+        raise RunFailed(error, _where_failed(trainer, args.verb, discarded), log, removed) from error
     except BaseException:  # Ctrl-C, or a signal's SystemExit: its exit code stands
         if run is not None:
             run.discard()
