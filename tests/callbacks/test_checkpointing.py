@@ -18,7 +18,6 @@ from adaptrain.callbacks.checkpointing import ModelCheckpoint, NonFiniteWeightsE
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint
 from tests.common import data
-from tests.common.models import NanAtCall
 
 
 def make_trainer(callbacks=(), max_epochs=4, **kwargs) -> Trainer:
@@ -107,7 +106,7 @@ def test_a_monitor_no_loader_produces_is_a_config_error_with_a_suggestion(tmp_pa
     with pytest.raises(ConfigError, match=r'monitor=\.\.\.\) is "val_los", which no loader produces.*'
                                           r'Did you mean "val_loss"\?'):
         make_trainer([ModelCheckpoint(tmp_path, monitor="val_los")]).fit(*loaders())
-    assert load_checkpoint(tmp_path / "last.ckpt")["counters"]["epoch"] == 1  # the epoch was kept
+    assert not (tmp_path / "last.ckpt").exists()  # caught by the sanity pass, before any step or file
     with pytest.raises(ConfigError, match="fit\\(\\) got no val_loader"):
         make_trainer([ModelCheckpoint(tmp_path, monitor="val_loss")]).fit(loaders()[0])
 
@@ -132,14 +131,27 @@ def test_files_superseded_by_a_save_that_was_killed_are_deleted_on_resume(tmp_pa
 
 
 # ---------------------------------------------------------------------- never a NaN checkpoint
-def nan_trainer(callbacks=(), bad_call=None, max_epochs=3, **kwargs) -> Trainer:
-    """A linear model whose forward call ``bad_call`` (1-based, validation calls included) turns NaN.
+class NanInTraining(nn.Module):
+    """A linear model whose ``bad``-th training forward (1-based; evaluation passes do not count) is NaN."""
 
-    With loaders(): 6 train calls and 1 val call per epoch, so call 10 is epoch 2, batch 3: optimizer
-    step 9, after which the weights are NaN; the loss is read only at the epoch's end (log_every 20).
-    """
+    def __init__(self, bad: int | None) -> None:
+        super().__init__()
+        self.lin, self.bad, self.train_calls = nn.Linear(8, 3), bad, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        if self.training:
+            self.train_calls += 1
+            if self.train_calls == self.bad:
+                return out * float("nan")
+        return out
+
+
+def nan_trainer(callbacks=(), bad_call=None, max_epochs=3, **kwargs) -> Trainer:
+    """With loaders() (6 batches an epoch), training forward 9 is epoch 2, batch 3: optimizer step 9,
+    after which the weights are NaN; the loss is read only at the epoch's end (log_every_n_steps 20)."""
     torch.manual_seed(0)
-    model = NanAtCall(lambda call: call == bad_call)
+    model = NanInTraining(bad_call)
     return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), progress=False,
                    seed=0, device="cpu", max_epochs=max_epochs, callbacks=list(callbacks), **kwargs)
 
@@ -154,7 +166,7 @@ def assert_finite_checkpoint(path: Path, step: int) -> None:
 def test_a_nan_loss_never_reaches_a_checkpoint_and_the_last_good_one_is_kept(tmp_path, monitor):
     saver = ModelCheckpoint(tmp_path, monitor=monitor, every_n_train_steps=2, save_top_k=1)
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3 \\(optimizer step 9\\)"):
-        nan_trainer([saver], bad_call=10).fit(*loaders())
+        nan_trainer([saver], bad_call=9).fit(*loaders())
     # The save due at step 10 (weights NaN since step 9) was refused before it wrote or rotated anything.
     best = "epoch=1-step=6-val_loss=" if monitor else "epoch=2-step=8.ckpt"
     names = ckpt_names(tmp_path)
@@ -209,7 +221,7 @@ def test_the_clean_end_and_a_signal_save_are_checked_too(tmp_path):
     # A SIGTERM after the NaN batch: the save it asks for is refused, and the NaN is what fit reports.
     saver = ModelCheckpoint(tmp_path, every_n_epochs=1, save_top_k=1)
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3"):
-        nan_trainer([saver, SendSignal(10, signal.SIGTERM)], bad_call=10).fit(*loaders())
+        nan_trainer([saver, SendSignal(10, signal.SIGTERM)], bad_call=9).fit(*loaders())
     assert ckpt_names(tmp_path) == ["epoch=1-step=6.ckpt", "last.ckpt"]
     assert_finite_checkpoint(tmp_path / "last.ckpt", step=6)
 

@@ -1,10 +1,11 @@
 """A small training run that checkpoints often, for the fault-injection and signal tests.
 
-Usage: ``python resume_worker.py DIR [--epochs N] [--every-n-steps K] [--step-sleep S] [--slow-write S]``
+Usage: ``python resume_worker.py DIR [--epochs N] [--every-n-steps K] [--step-sleep S] [--slow-write S]
+[--workers W] [--new-session] [--signal-in-worker-start]``
 
 It resumes from ``DIR/checkpoints/last.ckpt`` when that exists and says, one line each:
-``started <global_step>`` once restored, ``step <n>`` after each optimizer step, ``writing`` when a
-checkpoint write begins (with ``--slow-write``), ``done`` at the end (after writing
+``started <global_step>`` once restored, ``step <n>`` after each optimizer step, ``epoch <n>`` after
+each epoch, ``writing`` when a checkpoint write begins (with ``--slow-write``), ``done`` at the end (after writing
 ``DIR/final.safetensors`` and ``DIR/history.json``). On SIGTERM / SIGINT it says
 ``interrupted signal_step=.. saved_step=.. path=..`` and exits with adaptrain's code (143 / 130).
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,8 +49,8 @@ def _say(text: str) -> None:
 class _Report(Callback):
     """Says where training is, and makes each step take at least ``step_sleep`` seconds."""
 
-    def __init__(self, step_sleep: float) -> None:
-        self.step_sleep = step_sleep
+    def __init__(self, step_sleep: float, arm: Path | None = None) -> None:
+        self.step_sleep, self.arm = step_sleep, arm
 
     def before_fit(self, trainer: Trainer) -> None:
         _say(f"started {trainer.state.global_step}")
@@ -55,6 +58,30 @@ class _Report(Callback):
     def after_step(self, trainer: Trainer) -> None:
         time.sleep(self.step_sleep)
         _say(f"step {trainer.state.global_step}")
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if self.arm is not None and trainer.state.epoch == 1:
+            self.arm.touch()  # the next loader worker to start signals the group (see _signal_in_worker_start)
+        _say(f"epoch {trainer.state.epoch}")
+
+
+def _signal_in_worker_start(arm: Path) -> None:
+    """Fault injection: once ``arm`` exists, the first loader worker to start sends SIGTERM to the process
+    group from inside torch's worker start-up, right after torch installed its own SIGTERM handler and
+    before ``worker_init_fn`` runs: the moment a group signal used to kill the workers."""
+    from torch.utils.data._utils import signal_handling
+
+    install = signal_handling._set_worker_signal_handlers
+
+    def install_then_signal(*args: Any) -> None:
+        install(*args)
+        try:
+            os.rename(arm, arm.with_suffix(".fired"))  # atomic: one worker of one epoch fires, once
+        except FileNotFoundError:
+            return
+        os.killpg(0, signal.SIGTERM)
+
+    signal_handling._set_worker_signal_handlers = install_then_signal
 
 
 def _slow_writes(delay: float) -> None:
@@ -76,13 +103,16 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def build(folder: Path, epochs: int, every_n_steps: int, step_sleep: float,
-          workers: int = 0) -> tuple[Trainer, DataLoader, DataLoader]:
+          workers: int = 0, arm: Path | None = None) -> tuple[Trainer, DataLoader, DataLoader]:
     """Dropout, a shuffling loader with its own generator, OneCycleLR, windows of 3 batches (30 per epoch)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(240, 8, generator=g)
     data = TensorDataset(x, x[:, :3].argmax(1))
+    # Workers forked from this process (Linux's default up to Python 3.13), also when this process was
+    # itself started by a forkserver, whose children default to asking the server for theirs: those
+    # would be no children of this process and outside its process group.
     train = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1),
-                       num_workers=workers)
+                       num_workers=workers, multiprocessing_context="fork" if workers else None)
     val = DataLoader(data, batch_size=80)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
@@ -90,7 +120,7 @@ def build(folder: Path, epochs: int, every_n_steps: int, step_sleep: float,
                       metrics={"acc": _accuracy}, scheduler=functools.partial(OneCycleLR, max_lr=0.05),
                       accumulate_grad_batches=3, max_epochs=epochs, progress=False, seed=0, device="cpu",
                       callbacks=[ModelCheckpoint(folder / "checkpoints", every_n_train_steps=every_n_steps,
-                                                 save_top_k=2), _Report(step_sleep)])
+                                                 save_top_k=2), _Report(step_sleep, arm)])
     return trainer, train, val
 
 
@@ -104,11 +134,21 @@ def run(argv: list[str], channel: Any = None) -> int:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--slow-write", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--new-session", action="store_true",
+                        help="lead a process group of its own (with its loader workers): os.killpg reaches only them")
+    parser.add_argument("--signal-in-worker-start", action="store_true",
+                        help="after epoch 1, a starting loader worker sends SIGTERM to the process group")
     args = parser.parse_args(argv)
+    if args.new_session:
+        os.setsid()
+    arm = args.dir / "arm-signal" if args.signal_in_worker_start else None
+    if arm is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        _signal_in_worker_start(arm)
     torch.set_num_threads(1)  # the same reduction order in every process: bit-identical results
     if args.slow_write:
         _slow_writes(args.slow_write)
-    trainer, train, val = build(args.dir, args.epochs, args.every_n_steps, args.step_sleep, args.workers)
+    trainer, train, val = build(args.dir, args.epochs, args.every_n_steps, args.step_sleep, args.workers, arm)
     last = args.dir / "checkpoints" / "last.ckpt"
     try:
         history = trainer.fit(train, val, ckpt_path="last" if last.exists() else None)

@@ -120,6 +120,27 @@ class ModelCheckpoint(CheckpointSaver):
             self._signals = SignalHandler(self)  # driven from this callback's hooks: one callback to add
             self._signals.before_fit(trainer)
 
+    # The signal handler's hooks around loader workers' start (see adaptrain.callbacks.signals).
+    def before_train(self, trainer: "Trainer") -> None:
+        if self._signals:
+            self._signals.before_train(trainer)
+
+    def before_batch(self, trainer: "Trainer") -> None:
+        if self._signals:
+            self._signals.before_batch(trainer)
+
+    def after_train(self, trainer: "Trainer") -> None:
+        if self._signals:
+            self._signals.after_train(trainer)
+
+    def before_validate(self, trainer: "Trainer") -> None:
+        if self._signals:
+            self._signals.before_validate(trainer)
+
+    def after_validate(self, trainer: "Trainer") -> None:
+        if self._signals:
+            self._signals.after_validate(trainer)
+
     def after_step(self, trainer: "Trainer") -> None:
         if self.every_n_train_steps and trainer.state.global_step % self.every_n_train_steps == 0:
             self._save(trainer, value=None)

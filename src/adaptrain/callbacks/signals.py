@@ -23,6 +23,16 @@ What happens on a signal:
 
 Handlers are installed in ``before_fit`` (from the main thread only: Python allows nothing else)
 and the previous ones are put back in ``after_fit`` or when an exception ends ``fit``.
+
+DataLoader workers ignore the handled signals, so a signal to the whole process group (SLURM's
+time limit, ``kill -TERM -<pgid>``, Ctrl-C) reaches the main process only. A worker cannot ignore
+a signal from its very start: torch installs its own SIGTERM handler (which kills the worker) before
+``worker_init_fn`` runs. So while a loader with workers starts them (``before_train`` /
+``before_validate``), the main thread blocks the handled signals; the workers inherit the mask,
+ignore the signals, then unblock them. The main thread unblocks at the epoch's first batch (or the
+end of validation), where a signal that came meanwhile is delivered: it is delayed, never lost. What
+it costs: during that time (the workers' start and the first batch, or a whole validation pass with
+workers) a second Ctrl-C waits for the first batch too.
 """
 
 from __future__ import annotations
@@ -100,6 +110,7 @@ class SignalHandler(Callback):
         self.received_step = 0
         self._previous: dict[int, Any] = {}
         self._trainer: "Trainer | None" = None
+        self._blocked = False  # the main thread holds the signals while a loader starts its workers
 
     def before_fit(self, trainer: "Trainer") -> None:
         from adaptrain.callbacks.checkpointing import ModelCheckpoint
@@ -117,8 +128,33 @@ class SignalHandler(Callback):
             return
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
-        for loader in (trainer.state.train_loader, trainer.state.val_loader):
-            _workers_ignore(loader, self.signals)
+
+    # Workers are forked when the phase's loader iterator is made, after before_train / before_validate.
+    def before_train(self, trainer: "Trainer") -> None:
+        self._hold_while_workers_start(trainer.state.train_loader)
+
+    def before_batch(self, trainer: "Trainer") -> None:
+        self._release()  # the workers exist (and ignore the signals): a held signal arrives now
+
+    def after_train(self, trainer: "Trainer") -> None:
+        self._release()
+
+    def before_validate(self, trainer: "Trainer") -> None:
+        self._hold_while_workers_start(trainer.state.val_loader)
+
+    def after_validate(self, trainer: "Trainer") -> None:
+        self._release()
+
+    def _hold_while_workers_start(self, loader: Any) -> None:
+        if not self._previous or not _workers_ignore(loader, self.signals) or not hasattr(signal, "pthread_sigmask"):
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        self._blocked = True
+
+    def _release(self) -> None:
+        if self._blocked:
+            self._blocked = False
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)  # a pending signal runs _on_signal here
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Runs between two bytecodes of the main thread: record only; the loop acts at a step boundary.
@@ -149,7 +185,10 @@ class SignalHandler(Callback):
         self.restore()
 
     def restore(self) -> None:
-        """Put back the handlers that were installed before ``fit``."""
+        """Put back the handlers that were installed before ``fit`` (and unblock the signals)."""
+        if self._blocked:
+            self._blocked = False
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
@@ -187,6 +226,8 @@ class _IgnoreInWorkers:
     SLURM's time limit, ``kill -TERM -<pgid>`` and Ctrl-C in a terminal signal the whole process
     group: without this the workers die first and the main process fails ("DataLoader worker exited
     unexpectedly") before it can save. The trainer shuts its workers down itself when fit ends.
+    The worker starts with the signals blocked (see the module docstring): ignoring them first
+    discards one that came during the start, then they are unblocked.
     """
 
     def __init__(self, signals: tuple[int, ...], user_fn: Any) -> None:
@@ -195,10 +236,16 @@ class _IgnoreInWorkers:
     def __call__(self, worker_id: int) -> None:
         for signum in self.signals:
             signal.signal(signum, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
 
-def _workers_ignore(loader: Any, signals: tuple[int, ...]) -> None:
-    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _IgnoreInWorkers):
+def _workers_ignore(loader: Any, signals: tuple[int, ...]) -> bool:
+    """Make ``loader``'s workers ignore ``signals``; True when it starts worker processes."""
+    if getattr(loader, "num_workers", 0) <= 0 or not hasattr(loader, "worker_init_fn"):
+        return False
+    if not isinstance(loader.worker_init_fn, _IgnoreInWorkers):
         loader.worker_init_fn = _IgnoreInWorkers(signals, loader.worker_init_fn)
+    return True
