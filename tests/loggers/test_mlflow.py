@@ -48,7 +48,7 @@ def test_params_metrics_artifacts_and_system_metrics(tracking_uri, tmp_path):
     run.config.write_text("trainer:\n  max_epochs: 2\n")
     info = RunInfo("mlflow-test", "r1", run, tmp_path, {"trainer.max_epochs": 2, "optimizer.init_args.lr": 0.1,
                                                           "trainer.gradient_clip_val": None, "callbacks": []})
-    csv_logger, logger = CSVLogger(), MLflowLogger(tracking_uri=tracking_uri, system_metrics_interval=0.2)
+    csv_logger, logger = CSVLogger(), MLflowLogger(tracking_uri=tracking_uri)
     for lg in (csv_logger, logger):
         lg.bind(info)
     _, history = fit([csv_logger, logger], tmp_path, extra=[FakeCheckpoint(tmp_path / "best.ckpt")])
@@ -69,8 +69,15 @@ def test_params_metrics_artifacts_and_system_metrics(tracking_uri, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(logger.run_id)}
     assert {"config.yaml", "history.csv", "history.json", "history.png", "train.log", "checkpoints"} <= artifacts
     assert [a.path for a in client.list_artifacts(logger.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
-    system = [key for key in got.data.metrics if key.startswith("system/")]
-    assert system, "psutil is installed, so MLflow's system metrics should be there"
+    # System metrics: one synchronous sample per epoch end (no sampling thread, so none is ever missing).
+    system = {key for key in got.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage", "system/process_memory_rss_megabytes"} <= system
+    for key in system:
+        assert [m.step for m in client.get_metric_history(logger.run_id, key)] == [1, 2], key
+    cpu = [m.value for m in client.get_metric_history(logger.run_id, "system/cpu_utilization_percentage")]
+    assert all(0 <= value <= 100 for value in cpu)
+    assert got.data.metrics["system/process_memory_rss_megabytes"] > 10  # this process holds torch
 
 
 def test_failed_run_is_marked_failed(tracking_uri, tmp_path):
@@ -90,7 +97,7 @@ def test_failed_run_is_marked_failed(tracking_uri, tmp_path):
 
 def test_without_psutil_system_metrics_are_skipped_with_a_warning(tracking_uri, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)
-    logger = MLflowLogger(tracking_uri=tracking_uri, system_metrics_interval=0.1)
+    logger = MLflowLogger(tracking_uri=tracking_uri)
     with pytest.warns(RuntimeWarning, match="system metrics are off.*psutil"):
         fit([logger], tmp_path, epochs=1)
     run = MlflowClient(tracking_uri).get_run(logger.run_id)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_KEY = 250
 _BATCH = 100  # params per log_batch request (MLflow's limit)
-_NOISY = ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic")
+_NOISY = ("mlflow.store.db.utils", "alembic")
+_MB = 1024 * 1024
 
 
 def _require_mlflow() -> None:
@@ -36,9 +37,10 @@ def _require_mlflow() -> None:
 
 class MLflowLogger(Logger):
     """Records the run in MLflow: params (the flattened resolved config), ``train_*_step`` metrics
-    at every refresh point, the epoch's history record per epoch, system metrics (CPU, memory,
-    disk, network, GPU; needs ``psutil``, skipped with a warning without it), and at the end the
-    run folder's config, history, plot and log, plus the best checkpoint under ``checkpoints/``.
+    at every refresh point, the epoch's history record per epoch, system metrics at each epoch's
+    end (CPU, memory, disk, network, GPU memory, under MLflow's own ``system/`` names; needs
+    ``psutil``, skipped with a warning without it), and at the end the run folder's config, history,
+    plot and log, plus the best checkpoint under ``checkpoints/``.
 
     The run opens at the first optimizer step (a fit that fails before leaves no FAILED run) and
     its id is stored in the run folder (``mlflow.json``): a ``fit`` resumed from a checkpoint into
@@ -57,7 +59,9 @@ class MLflowLogger(Logger):
         artifact_location: for a new experiment; default ``<db folder>/mlartifacts`` for a local
             sqlite store (never the current directory), the server's default otherwise.
         tags: extra run tags.
-        log_system_metrics: sample system metrics every ``system_metrics_interval`` seconds.
+        log_system_metrics: record system metrics at each epoch's end, in the loop's thread (one
+            psutil read, about a millisecond), at ``step = epoch``. Not MLflow's sampling thread:
+            its first sample comes only after its interval, so short runs had none, at random.
         log_artifacts: upload the run folder's files and the best checkpoint at the end.
         flush_every_s: per-step metrics are buffered and sent at most this often (and at every
             epoch end), so logging costs one request per interval, not per step.
@@ -70,8 +74,7 @@ class MLflowLogger(Logger):
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, artifact_location: str | None = None,
                  tags: Mapping[str, str] | None = None, log_system_metrics: bool = True,
-                 system_metrics_interval: float = 10.0, log_artifacts: bool = True,
-                 flush_every_s: float = 5.0) -> None:
+                 log_artifacts: bool = True, flush_every_s: float = 5.0) -> None:
         super().__init__()
         _require_mlflow()
         self.tracking_uri = tracking_uri
@@ -80,7 +83,6 @@ class MLflowLogger(Logger):
         self.artifact_location = artifact_location
         self.tags = dict(tags or {})
         self.log_system_metrics = log_system_metrics
-        self.system_metrics_interval = system_metrics_interval
         self.log_artifacts = log_artifacts
         self.flush_every_s = flush_every_s
         self.client: Any = None
@@ -88,7 +90,7 @@ class MLflowLogger(Logger):
         self.experiment_id: str | None = None
         self._buffer: list[Any] = []
         self._last_flush = 0.0
-        self._monitor: Any = None
+        self._system: SystemMetrics | None = None
 
     def resolved_tracking_uri(self, run: RunInfo) -> str:
         """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root_dir>/mlflow.db``."""
@@ -133,7 +135,7 @@ class MLflowLogger(Logger):
             self.client.log_batch(self.run_id, params=params[start:start + _BATCH])
         self._store_run_id(run, uri)
         self._last_flush = time.monotonic()
-        self._monitor = self._start_system_metrics(uri) if self.log_system_metrics else None
+        self._system = self._start_system_metrics(run) if self.log_system_metrics else None
 
     def _stored_run_id(self, run: RunInfo, uri: str) -> str | None:
         """The run id ``mlflow.json`` holds, if it is a live run of this store (else a new run opens)."""
@@ -184,15 +186,9 @@ class MLflowLogger(Logger):
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
-    def _start_system_metrics(self, uri: str) -> Any:
+    def _start_system_metrics(self, run: RunInfo) -> SystemMetrics | None:
         try:
-            import psutil  # noqa: F401 - MLflow's monitor needs it; fail here with a clear reason
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_interval,
-                                           tracking_uri=uri)
-            monitor.start()
-            return monitor
+            return SystemMetrics(run.run_dir.path if run.run_dir is not None else Path(run.root_dir))
         except Exception as error:  # noqa: BLE001 - system metrics are a bonus, never a failure
             warnings.warn(f"MLflowLogger: system metrics are off ({type(error).__name__}: {error}); "
                           "they need psutil (pip install psutil).", RuntimeWarning, stacklevel=2)
@@ -208,6 +204,8 @@ class MLflowLogger(Logger):
 
     def after_epoch(self, trainer: "Trainer") -> None:
         super().after_epoch(trainer)
+        if self._system is not None and self.run_id is not None:
+            self._log_metrics(self._system.sample(), trainer.state.epoch)
         self._flush()
 
     def _flush(self) -> None:
@@ -223,9 +221,7 @@ class MLflowLogger(Logger):
             if self.log_artifacts:
                 self._upload()
         finally:
-            if self._monitor is not None:
-                self._monitor.finish()  # before set_terminated: it stops on a terminated run
-                self._monitor = None
+            self._system = None
             self.client.set_terminated(self.run_id, status)
 
     def _upload(self) -> None:
@@ -236,6 +232,72 @@ class MLflowLogger(Logger):
         checkpoint = best_checkpoint(self.trainer) if self.trainer is not None else None
         if checkpoint is not None:
             self.client.log_artifact(self.run_id, str(checkpoint), artifact_path="checkpoints")
+
+
+class SystemMetrics:
+    """CPU, memory, disk, network and GPU-memory figures read with psutil (and torch.cuda) when asked.
+
+    Named as MLflow's own monitor names them (``system/cpu_utilization_percentage``, ...), so its
+    UI shows them under "System metrics". CPU utilization and network traffic are since the
+    previous sample (the first: since this object was made). Each figure a platform cannot give
+    is left out; psutil itself missing raises ImportError here, in ``__init__``.
+
+    Example:
+        >>> sample = SystemMetrics(Path(".")).sample()
+        >>> 0 <= sample["system/cpu_utilization_percentage"] <= 100
+        True
+    """
+
+    def __init__(self, disk_path: Path) -> None:
+        import psutil
+
+        self.psutil, self.disk_path = psutil, disk_path
+        self._cpu = psutil.cpu_times()
+        self._net = _read(psutil.net_io_counters)
+
+    def sample(self) -> dict[str, float]:
+        ps, values = self.psutil, {}
+        cpu = ps.cpu_times()
+        total = _busy_and_idle(cpu) - _busy_and_idle(self._cpu)
+        idle = sum(getattr(cpu, f, 0.0) - getattr(self._cpu, f, 0.0) for f in ("idle", "iowait"))
+        values["system/cpu_utilization_percentage"] = min(100.0, max(0.0, 100.0 * (1 - idle / total))) if total > 0 else 0.0
+        self._cpu = cpu
+        memory = _read(ps.virtual_memory)
+        if memory is not None:
+            values["system/system_memory_usage_megabytes"] = (memory.total - memory.available) / _MB
+            values["system/system_memory_usage_percentage"] = float(memory.percent)
+        process = _read(lambda: ps.Process().memory_info())
+        if process is not None:
+            values["system/process_memory_rss_megabytes"] = process.rss / _MB
+        folder = self.disk_path if self.disk_path.exists() else Path(self.disk_path.anchor or ".")
+        disk = _read(lambda: ps.disk_usage(str(folder)))
+        if disk is not None:
+            values.update({"system/disk_usage_percentage": float(disk.percent),
+                           "system/disk_usage_megabytes": disk.used / _MB,
+                           "system/disk_available_megabytes": disk.free / _MB})
+        net = _read(ps.net_io_counters)
+        if net is not None and self._net is not None:
+            values["system/network_receive_megabytes"] = (net.bytes_recv - self._net.bytes_recv) / _MB
+            values["system/network_transmit_megabytes"] = (net.bytes_sent - self._net.bytes_sent) / _MB
+        self._net = net
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initializes CUDA itself
+            for index in range(torch.cuda.device_count()):
+                values[f"system/gpu_{index}_memory_usage_megabytes"] = torch.cuda.memory_reserved(index) / _MB
+        return values
+
+
+def _busy_and_idle(times: Any) -> float:
+    """All CPU time; Linux counts guest time inside user and nice already, so it is not added twice."""
+    return sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _read(read: Any) -> Any:
+    try:
+        return read()
+    except Exception:  # noqa: BLE001 - a figure this platform or container does not give
+        return None
 
 
 def _param_value(value: Any) -> str:
