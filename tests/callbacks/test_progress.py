@@ -69,9 +69,11 @@ def test_parse_every_refuses_naming_the_argument(value):
 
 
 def test_clock_and_eta():
-    assert [clock(s) for s in (0, 59.9, 60, 3599, 3600, 90061)] == ["0:00", "0:59", "1:00", "59:59", "1:00:00", "25:01:01"]
+    assert [clock(s) for s in (0, 59.9, 60, 3599, 3600, 90061)] == \
+        ["0:00", "0:59", "1:00", "59:59", "1:00:00", "25:01:01"]
     assert clock(float("nan")) == "?" and clock(-1) == "?"
-    assert eta(10, 40, 5.0) == 15.0 and eta(40, 40, 5.0) == 0.0 and eta(0, 40, 5.0) is None and eta(3, None, 1.0) is None
+    assert eta(10, 40, 5.0) == 15.0 and eta(40, 40, 5.0) == 0.0
+    assert eta(0, 40, 5.0) is None and eta(3, None, 1.0) is None
 
 
 def test_plain_line_has_counter_values_speed_and_eta():

@@ -68,17 +68,24 @@ BAD_CONFIGS = [  # id, edit of the base config (or raw YAML text), overrides, wh
     ("missing-class-path", _patch(**{"model.class_path": None}), [], "model.class_path is missing"),
     ("unimportable-module", None, ["model.class_path=no_such_pkg.Net"], 'no module named "no_such_pkg"'),
     ("attribute-typo", None, ["model.class_path=adaptrain.models.MNIST1DCnn"], '"adaptrain.models.MNIST1DCNN"'),
-    ("unknown-init-arg", None, ["model.init_args.in_feature=8"], 'model.init_args.in_feature is not an argument of torch.nn.Linear; did you mean "in_features"'),
+    ("unknown-init-arg", None, ["model.init_args.in_feature=8"],
+     'model.init_args.in_feature is not an argument of torch.nn.Linear; did you mean "in_features"'),
     ("missing-init-arg", _patch(**{"model.init_args": {"in_features": 8}}), [], "model.init_args misses out_features"),
     ("constructor-raises", None, ["model.init_args.out_features=-3"], "model could not be built"),
-    ("args-of-another-class", None, ["model.class_path=torch.optim.SGD"], "model.init_args.in_features is not an argument of torch.optim.SGD"),
-    ("built-wrong-type", None, ["model.class_path=collections.OrderedDict", "model.init_args={}"], "model.class_path built a OrderedDict; expected a torch.nn.Module"),
+    ("args-of-another-class", None, ["model.class_path=torch.optim.SGD"],
+     "model.init_args.in_features is not an argument of torch.optim.SGD"),
+    ("built-wrong-type", None, ["model.class_path=collections.OrderedDict", "model.init_args={}"],
+     "model.class_path built a OrderedDict; expected a torch.nn.Module"),
     ("optimizer-unknown-arg", None, ["optimizer.init_args.learning_rate=0.1"], "optimizer.init_args.learning_rate"),
-    ("scheduler-missing-arg", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR"], "scheduler.init_args misses step_size"),
-    ("scheduler-interval", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR", "scheduler.init_args.step_size=1",
+    ("scheduler-missing-arg", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR"],
+     "scheduler.init_args misses step_size"),
+    ("scheduler-interval", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR",
+                                  "scheduler.init_args.step_size=1",
                                   "scheduler.interval=sometimes"], "scheduler.interval"),
-    ("callback-not-a-callback", _patch(callbacks=[{"class_path": "torch.nn.ReLU"}]), [], "callbacks.0.class_path built a ReLU"),
-    ("callback-bad-arg", _patch(callbacks=[{"class_path": "adaptrain.EarlyStopping", "init_args": {"patience": 0}}]), [],
+    ("callback-not-a-callback", _patch(callbacks=[{"class_path": "torch.nn.ReLU"}]), [],
+     "callbacks.0.class_path built a ReLU"),
+    ("callback-bad-arg",
+     _patch(callbacks=[{"class_path": "adaptrain.EarlyStopping", "init_args": {"patience": 0}}]), [],
      "callbacks.0 could not be built"),
     ("metric-bad-path", None, ["metrics.acc.class_path=torchmetrics.Acuracy"], "metrics.acc.class_path"),
     ("criterion-nested-typo", _patch(criterion={"class_path": "adaptrain.MultiLoss", "init_args": {
@@ -90,7 +97,8 @@ BAD_CONFIGS = [  # id, edit of the base config (or raw YAML text), overrides, wh
     ("env-var-missing", _patch(root_dir="${oc.env:ADAPTRAIN_SURELY_UNSET_VAR}"), [], "root_dir could not be resolved"),
     ("ckpt-not-found", None, ["ckpt_path=nowhere.ckpt"], "ckpt_path"),
     ("experiment-not-a-folder-name", None, ["experiment=../escape"], "experiment"),
-    ("init-arg-wrong-type", None, ["model.init_args.bias=1"], "model.init_args.bias is 1; torch.nn.Linear expects bool"),
+    ("init-arg-wrong-type", None, ["model.init_args.bias=1"],
+     "model.init_args.bias is 1; torch.nn.Linear expects bool"),
     ("class-path-is-a-module", None, ["data.class_path=torch.nn"], 'data.class_path is "torch.nn", a module'),
     ("metrics-not-a-mapping", None, ["metrics=[1]"], "metrics is a list; expected a mapping"),
     ("list-entry-missing", None, ["callbacks.0.init_args.patience=1"], "callbacks has no entry 0"),
@@ -140,7 +148,8 @@ def test_fit_writes_the_run_folder(config_file, tmp_path, capsys):
     code, out, err = run(["fit", "--config", config_file, "trainer.max_epochs=3", "run_name=first"], capsys)
     assert code == 0, err
     folder = tmp_path / "runs" / "tiny" / "first"
-    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "history.csv", "history.json", "history.png", "train.log"}
+    names = {p.name for p in folder.iterdir()}
+    assert names >= {"config.yaml", "history.csv", "history.json", "history.png", "train.log"}
     rows = list(csv.DictReader(open(folder / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and "val_acc" in rows[0]
     saved = yaml.safe_load((folder / "config.yaml").read_text())
@@ -155,7 +164,8 @@ def test_train_log_has_the_progress_bar_lines(config_file, tmp_path, capsys):
     assert code == 0
     printed = [line for line in out.splitlines()  # stdout is not a TTY here: plain lines
                if line.startswith("epoch ") and "  batch " not in line]  # the summaries, not the in-epoch lines
-    logged = [line for line in (tmp_path / "runs/tiny/bar/train.log").read_text().splitlines() if line.startswith("epoch ")]
+    log = (tmp_path / "runs/tiny/bar/train.log").read_text().splitlines()
+    logged = [line for line in log if line.startswith("epoch ")]
     assert printed == logged and len(logged) == 2
 
 
@@ -170,7 +180,8 @@ def test_saved_config_reproduces_the_run(config_file, tmp_path, capsys):
     assert (tmp_path / "runs/tiny/orig-2").is_dir()  # same name: a new folder, the first is kept
 
     def losses(name):
-        return [(r["train_loss"], r["val_loss"], r["val_acc"]) for r in csv.DictReader(open(tmp_path / f"runs/tiny/{name}/history.csv"))]
+        rows = csv.DictReader(open(tmp_path / f"runs/tiny/{name}/history.csv"))
+        return [(r["train_loss"], r["val_loss"], r["val_acc"]) for r in rows]
     assert losses("orig") == losses("orig-2")
 
 
@@ -187,17 +198,20 @@ def test_print_config_prints_and_writes_nothing(config_file, tmp_path, capsys):
     code, out, _ = run(["fit", "--config", config_file, "--print-config", "optimizer.init_args.lr=0.5"], capsys)
     assert code == 0
     printed = yaml.safe_load(out)
-    assert printed["optimizer"]["init_args"]["lr"] == 0.5 and printed["criterion"]["class_path"] == "torch.nn.CrossEntropyLoss"
+    assert printed["optimizer"]["init_args"]["lr"] == 0.5
+    assert printed["criterion"]["class_path"] == "torch.nn.CrossEntropyLoss"
     assert not (tmp_path / "runs").exists()
 
 
 def test_overrides_may_follow_options(config_file, tmp_path, capsys):
-    code, out, _ = run(["fit", "trainer.max_epochs=1", "--config", config_file, "--print-config", "experiment=x"], capsys)
+    code, out, _ = run(["fit", "trainer.max_epochs=1", "--config", config_file, "--print-config", "experiment=x"],
+                       capsys)
     assert code == 0 and yaml.safe_load(out)["trainer"]["max_epochs"] == 1 and yaml.safe_load(out)["experiment"] == "x"
 
 
 def test_scheduler_section_becomes_a_factory(config_file, tmp_path, capsys):
-    code, _, err = run(["fit", "--config", config_file, "run_name=cycle", "scheduler.class_path=torch.optim.lr_scheduler.OneCycleLR",
+    code, _, err = run(["fit", "--config", config_file, "run_name=cycle",
+                        "scheduler.class_path=torch.optim.lr_scheduler.OneCycleLR",
                         "scheduler.init_args.max_lr=0.5"], capsys)
     assert code == 0, err  # total_steps filled in by the trainer
     lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "runs/tiny/cycle/history.csv"))]
@@ -226,7 +240,8 @@ def test_validate_test_predict_load_weights(config_file, tmp_path, capsys):
 
 
 def test_fit_checkpoints_in_the_run_folder_then_test_from_them(config_file, tmp_path, capsys):
-    checkpoint = "callbacks=[{class_path: adaptrain.callbacks.checkpointing.ModelCheckpoint, init_args: {monitor: val_loss}}]"
+    checkpoint = ("callbacks=[{class_path: adaptrain.callbacks.checkpointing.ModelCheckpoint, "
+                  "init_args: {monitor: val_loss}}]")
     assert run(["fit", "--config", config_file, "run_name=ck", checkpoint], capsys)[0] == 0
     folder = tmp_path / "runs/tiny/ck/checkpoints"
     best = [p for p in folder.glob("epoch=*.ckpt")]
@@ -301,7 +316,8 @@ def three_tensors():
 def nan_inputs():
     """A data factory whose inputs are NaN: the loss is NaN from the first batch."""
     x = torch.full((32, 8), float("nan"))
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=8)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(32, dtype=torch.long))
+    return torch.utils.data.DataLoader(data, batch_size=8)
 
 
 class InterruptBeforeTheFirstStep(Callback):
@@ -333,12 +349,14 @@ def _mlflow_runs(uri):
 
 EARLY_FAILURES = [  # id, overrides, what the one line must say
     ("model-on-shapes", ["model.init_args.in_features=5"], "the model (Linear) failed on inputs"),
-    ("batch-structure", ["data.class_path=tests.cli.test_main.three_tensors"], "BatchStructureError: train_loader yielded"),
+    ("batch-structure", ["data.class_path=tests.cli.test_main.three_tensors"],
+     "BatchStructureError: train_loader yielded"),
     ("callback-raises", ["callbacks=[{class_path: tests.cli.test_main.InterruptBeforeTheFirstStep}]"], None),
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", [case[1:] for case in EARLY_FAILURES], ids=[c[0] for c in EARLY_FAILURES])
+@pytest.mark.parametrize("overrides, expected", [case[1:] for case in EARLY_FAILURES],
+                         ids=[case[0] for case in EARLY_FAILURES])
 def test_failing_before_the_first_step_is_one_line_and_leaves_nothing(tmp_path, capsys, overrides, expected):
     uri = _store(tmp_path, capsys)
     config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={
@@ -352,7 +370,8 @@ def test_failing_before_the_first_step_is_one_line_and_leaves_nothing(tmp_path, 
     assert code == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in err, err
-    assert lines[0].startswith("adaptrain: error: fit failed before its first optimizer step: ") and expected in lines[0]
+    assert lines[0].startswith("adaptrain: error: fit failed before its first optimizer step: ")
+    assert expected in lines[0]
     removed = re.escape(str(tmp_path / "runs" / "tiny"))
     assert re.fullmatch(rf"adaptrain: nothing was kept \({removed}/[\w-]+ removed\); --debug prints the traceback",
                         lines[1]), lines[1]
@@ -369,13 +388,14 @@ def test_failing_after_the_first_step_keeps_the_run_with_its_traceback(tmp_path,
     uri = _store(tmp_path, capsys)
     config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={
         "mlflow": {"tracking_uri": uri, "log_system_metrics": False}}))
-    code, _, err = run(["fit", "--config", config, "run_name=nan", "data.class_path=tests.cli.test_main.nan_inputs"], capsys)
+    code, _, err = run(["fit", "--config", config, "run_name=nan", "data.class_path=tests.cli.test_main.nan_inputs"],
+                       capsys)
     assert code == 1
     log = tmp_path / "runs/tiny/nan/train.log"
     lines = err.strip().splitlines()
     # The NaN is seen at the first refresh point (batch 2, after two optimizer steps).
-    assert lines[0].startswith("adaptrain: error: fit failed at epoch 1, batch 2 (optimizer step 2): NonFiniteLossError: "
-                               "non-finite loss"), err
+    assert lines[0].startswith("adaptrain: error: fit failed at epoch 1, batch 2 (optimizer step 2): "
+                               "NonFiniteLossError: non-finite loss"), err
     assert lines[1] == f"adaptrain: the traceback is in {log} (--debug prints it here)" and len(lines) == 2
     text = log.read_text()
     assert "error: NonFiniteLossError: non-finite loss" in text and "Traceback (most recent call last):" in text
@@ -475,7 +495,8 @@ def test_call_false_passes_a_plain_function_as_a_loss(tmp_path, capsys):
     assert code == 0, err  # called with no arguments, cross_entropy would have raised while building
 
     def digit_loss(name):
-        return float(next(csv.DictReader(open(tmp_path / "digits-multi-io" / name / "history.csv")))["train_loss_digit"])
+        first = next(csv.DictReader(open(tmp_path / "digits-multi-io" / name / "history.csv")))
+        return float(first["train_loss_digit"])
     # With init_args, a partial: label smoothing changes the loss.
     smoothed = function_loss.replace("call: false}", "call: false, init_args: {label_smoothing: 0.2}}")
     assert run([*common, "run_name=smooth", smoothed], capsys)[0] == 0
@@ -486,14 +507,14 @@ def test_call_false_passes_a_plain_function_as_a_loss(tmp_path, capsys):
     ("{class_path: torch.nn.functional.cross_entropy, call: nope}",
      'criterion.init_args.losses.digit.call is "nope"; expected true'),
     ("{class_path: torch.nn.functional.cross_entropy, call: false, init_args: {label_smothing: 0.1}}",
-     'criterion.init_args.losses.digit.init_args.label_smothing is not an argument of torch.nn.functional.cross_entropy; '
-     'did you mean "label_smoothing"'),
+     "criterion.init_args.losses.digit.init_args.label_smothing is not an argument of "
+     'torch.nn.functional.cross_entropy; did you mean "label_smoothing"'),
     ("{class_path: torch.nn.functional.cross_entropy, calls: false}",
      "criterion.init_args.losses.digit.calls is not a known key; expected class_path, init_args, call"),
 ])
 def test_call_false_mistakes_are_config_errors(tmp_path, capsys, spec, expected):
-    code, _, err = run(["fit", "--config", MULTI_IO, f"root_dir={tmp_path}", f"criterion.init_args.losses.digit={spec}"],
-                       capsys)
+    code, _, err = run(["fit", "--config", MULTI_IO, f"root_dir={tmp_path}",
+                        f"criterion.init_args.losses.digit={spec}"], capsys)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
 

@@ -63,7 +63,8 @@ def test_one_fit_makes_one_folder_that_every_logger_uses(ticking_clock):
     mlflow_logger = MLflowLogger(tracking_uri=uri, log_system_metrics=False)
     fit([CSVLogger(), mlflow_logger, TensorBoardLogger()])
     (folder,) = [p for p in (ticking_clock / "runs" / "default").iterdir()]  # one folder, not one per logger
-    assert {"history.csv", "train.log", "history.png", "tensorboard", "mlflow.json"} <= {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir()}
+    assert {"history.csv", "train.log", "history.png", "tensorboard", "mlflow.json"} <= names
     assert [e.step for e in events(folder / "tensorboard").Scalars("val_loss")] == [1, 2]
     stored = json.loads((folder / "mlflow.json").read_text())
     assert stored["run_id"] == mlflow_logger.run_id and stored["tracking_uri"] == uri

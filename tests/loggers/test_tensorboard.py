@@ -62,7 +62,8 @@ def test_default_log_dir_is_in_the_run_folder(tmp_path):
 
 
 def test_cli_logs_the_config_as_hparams(tmp_path, capsys):
-    config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={"tensorboard": {"flush_secs": 5}}))
+    config = write_config(tmp_path / "run.yaml",
+                          base_config(tmp_path / "runs", loggers={"tensorboard": {"flush_secs": 5}}))
     assert main(["fit", "--config", str(config), "run_name=tb"]) == 0
     log_dir = tmp_path / "runs" / "tiny" / "tb" / "tensorboard"
     assert f"tensorboard --logdir {log_dir}" in capsys.readouterr().out

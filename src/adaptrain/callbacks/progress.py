@@ -30,28 +30,15 @@ from rich.text import Text
 
 from adaptrain.core.batching import batch_size_of
 from adaptrain.core.callback import Callback
-from adaptrain.core.history import TIMING_KEYS
+from adaptrain.core.history import format_values, value_pairs
 from adaptrain.errors import BatchStructureError
 
 if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
 
-_SKIP = {"epoch", *TIMING_KEYS}
-
-
-def format_values(values: dict[str, Any], skip: set[str] = _SKIP) -> str:
-    """``name value`` pairs with 4 significant digits, for bars and log lines.
-
-    Example:
-        >>> format_values({"train_loss": 0.123456, "lr": 0.001, "epoch": 3})
-        'train_loss 0.1235  lr 0.001'
-    """
-    return "  ".join(_pairs(values, skip))
-
-
-def _pairs(values: dict[str, Any], skip: set[str] = _SKIP) -> list[str]:
-    return [f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-            for key, value in values.items() if key not in skip]
+# format_values lives with the records it formats (core.history), so loggers can use it too; kept
+# importable from here, where it always was.
+__all__ = ["ProgressBar", "format_values", "live_line", "plain_line", "plain_line_due", "parse_every"]
 
 
 def clock(seconds: float | None) -> str:
@@ -155,7 +142,7 @@ def plain_line(epoch: int, max_epochs: int, batch: int, total: int | None, value
         'epoch 3/10  batch 120/500 (24%)  loss 0.4321  lr 0.001  812 samples/s  eta 0:38'
     """
     where = f"batch {batch}/{total} ({100 * batch // total}%)" if total else f"batch {batch}"
-    parts = [f"epoch {epoch}/{max_epochs}", where, *_pairs(values)]
+    parts = [f"epoch {epoch}/{max_epochs}", where, *value_pairs(values)]
     if samples_per_s is not None:
         parts.append(f"{samples_per_s:.0f} samples/s")
     if total:
@@ -268,13 +255,13 @@ class ProgressBar(Callback):
     def print(self, *args: Any) -> None:
         self.console.print(*args, highlight=False, soft_wrap=True)
 
-    def before_fit(self, trainer: "Trainer") -> None:
+    def before_fit(self, trainer: Trainer) -> None:
         if self.interactive and trainer.is_global_zero:
             self._progress = Progress(_LiveColumn(self.console), console=self.console, transient=False,
                                       auto_refresh=False)
             self._progress.start()
 
-    def before_train(self, trainer: "Trainer") -> None:
+    def before_train(self, trainer: Trainer) -> None:
         state = trainer.state
         self._total = _length(state.train_loader)
         self._samples = 0
@@ -286,7 +273,7 @@ class ProgressBar(Callback):
         self._task = self._progress.add_task(description, total=self._total, completed=state.batch_idx,
                                              values=[], speed="", elapsed=0.0)
 
-    def after_batch(self, trainer: "Trainer") -> None:
+    def after_batch(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
             return
         state = trainer.state
@@ -303,7 +290,7 @@ class ProgressBar(Callback):
         elapsed, left = self._pace(state)
         done = state.batch_idx - self._first_batch
         speed = f"{done / elapsed:.1f} it/s" if elapsed and done > 0 else ""
-        values = _pairs({**state.running, "lr": state.lr})
+        values = value_pairs({**state.running, "lr": state.lr})
         self._progress.update(self._task, completed=state.batch_idx, values=values, speed=speed,  # type: ignore[union-attr]
                               elapsed=elapsed, left=left)
         self._progress.refresh()  # type: ignore[union-attr]  # in the loop's thread: no refresh thread competing with torch's
@@ -326,11 +313,11 @@ class ProgressBar(Callback):
         left = eta(done, None if self._total is None else self._total - self._first_batch, elapsed)
         return elapsed, left
 
-    def after_train(self, trainer: "Trainer") -> None:
+    def after_train(self, trainer: Trainer) -> None:
         if self._progress is not None and self._task is not None:  # the last position, which throttling skipped
             self._progress.update(self._task, completed=trainer.state.batch_idx)
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
             return
         state = trainer.state
@@ -345,13 +332,13 @@ class ProgressBar(Callback):
         if self._progress is not None:
             self._progress.refresh()
 
-    def after_fit(self, trainer: "Trainer") -> None:
+    def after_fit(self, trainer: Trainer) -> None:
         self._close(trainer)
 
-    def exception(self, trainer: "Trainer") -> None:
+    def exception(self, trainer: Trainer) -> None:
         self._close(trainer)
 
-    def _close(self, trainer: "Trainer") -> None:
+    def _close(self, trainer: Trainer) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -6,11 +6,31 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 #: Per-epoch wall-clock figures in each record: they differ between two runs of the same training.
 TIMING_KEYS = ("epoch_time", "samples_per_s", "data_time", "compute_time")
+
+
+_SKIP = {"epoch", *TIMING_KEYS}  # shown apart in an epoch line (the time and speed at its end)
+
+
+def format_values(values: Mapping[str, Any], skip: set[str] = _SKIP) -> str:
+    """``name value`` pairs with 4 significant digits, for bars and log lines.
+
+    Example:
+        >>> format_values({"train_loss": 0.123456, "lr": 0.001, "epoch": 3})
+        'train_loss 0.1235  lr 0.001'
+    """
+    return "  ".join(value_pairs(values, skip))
+
+
+def value_pairs(values: Mapping[str, Any], skip: set[str] = _SKIP) -> list[str]:
+    """The ``name value`` strings :func:`format_values` joins (bars drop whole pairs to fit a width)."""
+    return [f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in values.items() if key not in skip]
 
 
 class History:
@@ -92,14 +112,14 @@ class History:
         return path
 
     @classmethod
-    def from_csv(cls, path: str | os.PathLike) -> "History":
+    def from_csv(cls, path: str | os.PathLike) -> History:
         """Read a ``history.csv`` back: numbers become int or float, empty cells stay absent."""
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
         return cls({k: _parse(v) for k, v in row.items() if v != ""} for row in rows)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "History":
+    def from_json(cls, path: str | os.PathLike) -> History:
         """Read a ``history.json`` back (the inverse of :meth:`to_json`)."""
         with open(path) as handle:
             return cls(json.load(handle))

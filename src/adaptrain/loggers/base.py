@@ -29,12 +29,13 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from adaptrain.distributed import env as distributed
 from adaptrain.core.callback import Callback
+from adaptrain.distributed import env as distributed
 from adaptrain.loggers import run_dir as run_dirs
 from adaptrain.loggers.run_dir import RunDir
 
@@ -54,7 +55,7 @@ class RunInfo:
     verb: str = "fit"  # fit | validate | test | predict
 
     @classmethod
-    def from_trainer(cls, trainer: "Trainer") -> "RunInfo":
+    def from_trainer(cls, trainer: Trainer) -> RunInfo:
         """The run of a logger used without the CLI: :func:`shared_run` (one per trainer)."""
         return shared_run(trainer)
 
@@ -62,10 +63,10 @@ class RunInfo:
 # One RunInfo per trainer, so that its loggers, started one after the other, agree on the folder
 # (resolving it per logger gave two timestamped folders a second apart). Weak keys: a trainer
 # that is garbage-collected takes its entry with it.
-_SHARED: "weakref.WeakKeyDictionary[Any, RunInfo]" = weakref.WeakKeyDictionary()
+_SHARED: weakref.WeakKeyDictionary[Any, RunInfo] = weakref.WeakKeyDictionary()
 
 
-def shared_run(trainer: "Trainer") -> RunInfo:
+def shared_run(trainer: Trainer) -> RunInfo:
     """The run every unbound logger of ``trainer`` records into, resolved once per trainer.
 
     The folder is ``trainer.run_dir`` if set, else the ``run_dir`` a logger was given (a
@@ -103,7 +104,7 @@ def shared_run(trainer: "Trainer") -> RunInfo:
     return info
 
 
-def trainer_params(trainer: "Trainer") -> dict[str, Any]:
+def trainer_params(trainer: Trainer) -> dict[str, Any]:
     """The settings that identify a run when no config file describes it."""
     optimizer = trainer.state.optimizer
     return {"model": type(trainer.model).__name__, "optimizer": type(optimizer).__name__,
@@ -118,7 +119,7 @@ def numeric(values: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
 
 
-def best_checkpoint(trainer: "Trainer") -> Path | None:
+def best_checkpoint(trainer: Trainer) -> Path | None:
     """The best checkpoint a checkpoint callback reports (``best_model_path``), if it exists."""
     for callback in trainer.callbacks.callbacks:
         for attr in ("best_model_path", "best_path"):
@@ -145,7 +146,7 @@ class Logger(Callback):
 
     def __init__(self) -> None:
         self.run: RunInfo | None = None
-        self.trainer: "Trainer | None" = None
+        self.trainer: Trainer | None = None
         self.error: BaseException | None = None
         self.resumed_at: tuple[int, int] | None = None
         self.fit_started = time.time()  # when fit began (the logger itself starts at the first step)
@@ -167,7 +168,7 @@ class Logger(Callback):
         self.run = run
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, trainer: "Trainer") -> None:
+    def start(self, trainer: Trainer) -> None:
         """Open the run (once; a no-op on ranks other than zero)."""
         if self._started or not distributed.is_global_zero():
             return
@@ -205,7 +206,7 @@ class Logger(Callback):
         return self._started
 
     # ------------------------------------------------------------------ events
-    def before_fit(self, trainer: "Trainer") -> None:
+    def before_fit(self, trainer: Trainer) -> None:
         # Nothing is opened yet: a fit that fails before its first optimizer step (a model that does
         # not fit the data, a bad batch) must leave no run behind. The run opens at the first step.
         self.trainer = trainer
@@ -214,27 +215,27 @@ class Logger(Callback):
         self.fit_started = time.time()
         self.error = None
 
-    def after_step(self, trainer: "Trainer") -> None:
+    def after_step(self, trainer: Trainer) -> None:
         if not self._started:
             self.start(trainer)
 
-    def after_batch(self, trainer: "Trainer") -> None:
+    def after_batch(self, trainer: Trainer) -> None:
         state = trainer.state
         if self._started and state.batch_idx % trainer.log_every_n_steps == 0 and state.running:
             values = {f"train_{k}_step": v for k, v in state.running.items()}
             self.log_metrics({**values, "lr_step": state.lr}, state.global_step)
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         if not self._started:
             self.start(trainer)  # an epoch that took no step (every batch skipped) still gets its record
         if self._started and trainer.state.history.records:
             record = trainer.state.history.records[-1]
             self.log_metrics(record, int(record.get("epoch", trainer.state.epoch)))
 
-    def after_fit(self, trainer: "Trainer") -> None:
+    def after_fit(self, trainer: Trainer) -> None:
         self.finish("FINISHED")
 
-    def exception(self, trainer: "Trainer") -> None:
+    def exception(self, trainer: Trainer) -> None:
         # Ctrl-C, or a signal turned into SystemExit by ModelCheckpoint's handler: stopped, not broken.
         error = trainer.state.exception
         status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
@@ -245,7 +246,7 @@ class Logger(Callback):
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ to implement
-    def _start(self, trainer: "Trainer") -> None:
+    def _start(self, trainer: Trainer) -> None:
         pass
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:

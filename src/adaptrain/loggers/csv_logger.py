@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Mapping
+from typing import IO, TYPE_CHECKING, Any
 
-from adaptrain.callbacks.progress import format_values
+from adaptrain.core.history import format_values
 from adaptrain.loggers.base import Logger, RunInfo
 from adaptrain.loggers.run_dir import RunDir
 
@@ -72,7 +73,7 @@ class CSVLogger(Logger):
     def needs_run_dir(self) -> bool:
         return True
 
-    def _start(self, trainer: "Trainer") -> None:
+    def _start(self, trainer: Trainer) -> None:
         run = self.run or RunInfo()
         if self.run_dir is not None:
             self._files = RunDir.at(self.run_dir)
@@ -92,10 +93,10 @@ class CSVLogger(Logger):
                     f"seed {trainer.seed}")
         self._write(f"run folder: {self._files.path}")
 
-    def after_batch(self, trainer: "Trainer") -> None:
+    def after_batch(self, trainer: Trainer) -> None:
         pass  # per-step values go to MLflow / TensorBoard; the files hold one row per epoch
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         if not self._started or self._files is None:
             return
         history = trainer.state.history

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -50,7 +50,7 @@ class RunDir:
     name: str
 
     @classmethod
-    def at(cls, path: str | os.PathLike) -> "RunDir":
+    def at(cls, path: str | os.PathLike) -> RunDir:
         """The RunDir of the folder ``path`` (``<root>/<experiment>/<name>``)."""
         path = Path(path)
         return cls(path.parent.parent, path.parent.name, path.name)

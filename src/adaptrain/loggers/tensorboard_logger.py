@@ -56,7 +56,7 @@ class TensorBoardLogger(Logger):
     def needs_run_dir(self) -> bool:
         return self._given_log_dir is None  # its event files go into the run folder's tensorboard/
 
-    def _start(self, trainer: "Trainer") -> None:
+    def _start(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         run = self.run or RunInfo()
@@ -69,7 +69,7 @@ class TensorBoardLogger(Logger):
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         super().after_epoch(trainer)
         if self.writer is not None:
             self.writer.flush()
