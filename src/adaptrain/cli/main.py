@@ -105,8 +105,8 @@ def _report(error: Exception, debug: bool) -> int:
         print(f"adaptrain: the traceback is in {failed.log}{'' if debug else ' (--debug prints it here)'}",
               file=sys.stderr)
     elif failed and failed.discarded is not None:
-        print(f"adaptrain: nothing was kept ({failed.discarded} removed){'' if debug else '; --debug prints the traceback'}",
-              file=sys.stderr)
+        print(f"adaptrain: nothing was kept ({failed.discarded} removed)"
+              f"{'' if debug else '; --debug prints the traceback'}", file=sys.stderr)
     elif (failed or code == 1) and not debug:
         print("adaptrain: --debug prints the traceback", file=sys.stderr)
     return code
@@ -123,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptrain", description="Train PyTorch models from YAML configs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 optimizer.init_args.lr=0.01"
-               "\n" + _EXIT_HELP)
+        epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 "
+               "optimizer.init_args.lr=0.01\n" + _EXIT_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{fit,validate,test,predict,profile,bench,forecast}")
     config_args = argparse.ArgumentParser(add_help=False)
     config_args.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
