@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -542,3 +543,21 @@ def test_python_dash_m_runs_the_cli_and_a_runtime_error_is_one_line(config_file,
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("adaptrain: error: fit failed before its first optimizer step: ")
     assert not (tmp_path / "runs").exists()
+
+
+class SigtermAtStep3(Callback):
+    """Sends this process a real SIGTERM after optimizer step 3 (as SLURM would at its time limit)."""
+
+    def after_step(self, trainer):
+        if trainer.state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_keeps_its_exit_code_and_the_run(config_file, tmp_path, capsys):
+    callbacks = ("callbacks=[{class_path: adaptrain.ModelCheckpoint}, "
+                 "{class_path: tests.cli.test_main.SigtermAtStep3}]")
+    code, _, err = run(["fit", "--config", config_file, "run_name=term", callbacks], capsys)
+    assert code == 143, err
+    folder = tmp_path / "runs/tiny/term"
+    assert (folder / "checkpoints/last.ckpt").is_file()
+    assert "end (killed)" in (folder / "train.log").read_text().splitlines()[-1]
