@@ -54,6 +54,23 @@ def test_due_by_seconds_and_the_fallback_without_a_length():
     assert plain_line_due(("%", 10), 5, None, 2, 30.0)
     assert not plain_line_due(None, 5, 100, 0, 1e9)
     assert not plain_line_due(("batches", 1), 5, 100, 5, 0.0)  # nothing new since the last line
+    # A minimum time apart: the crossing waits for the first refresh point after it (short epochs: none).
+    assert not plain_line_due(("%", 10), 20, 100, 0, 4.99, min_seconds=5.0)
+    assert plain_line_due(("%", 10), 20, 100, 0, 5.0, min_seconds=5.0)
+
+
+def test_short_epochs_print_only_their_summary_by_default():
+    bar = ProgressBar(Console(file=io.StringIO(), force_terminal=False, width=200))
+    bar._plain_batch, bar._plain_time, bar._total, bar._first_batch = 0, 0.0, 10, 0
+
+    class State:  # an epoch 30% done after 1 s of loop time
+        batch_idx, data_time, compute_time, epoch, max_epochs, running, lr = 3, 0.2, 0.8, 0, 1, {"loss": 1.0}, 0.1
+
+    bar._plain(State())
+    assert bar.console.file.getvalue() == ""  # 1 s < plain_min_s (5 s)
+    State.compute_time = 4.8
+    bar._plain(State())
+    assert bar.console.file.getvalue().startswith("epoch 1/1  batch 3/10 (30%)  loss 1  lr 0.1  ")
 
 
 @pytest.mark.parametrize("value, parsed", [("10%", ("%", 10.0)), (" 2.5% ", ("%", 2.5)), ("30s", ("s", 30.0)),
@@ -99,7 +116,8 @@ def _fit(bar, epochs=2, log_every=1, loader=None, extra=()):
 
 
 def _plain_bar(**kwargs):
-    return ProgressBar(Console(file=io.StringIO(), force_terminal=False, width=200), **kwargs)
+    # No minimum time between lines: the fits below are driven by batch counts alone.
+    return ProgressBar(Console(file=io.StringIO(), force_terminal=False, width=200), plain_min_s=0, **kwargs)
 
 
 def test_without_a_terminal_lines_inside_the_epoch_then_the_summary():

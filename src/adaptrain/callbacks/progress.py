@@ -6,8 +6,9 @@ keeps the batch counter, the elapsed time and the ETA; the bar and values give w
 
     epoch 3/10 ━━━━━━━━━╺━━━━━━━━━━ 120/500 0:12 eta 0:38 9.8 it/s  loss 0.4321  acc 0.8812  lr 0.001
 
-Without a terminal, a plain line every ``plain_every`` (10% of the epoch by default), then the
-epoch's summary line (the same line ``train.log`` holds)::
+Without a terminal, a plain line every ``plain_every`` (10% of the epoch by default, and at least
+``plain_min_s`` = 5 s apart, so short epochs print only their summary), then the epoch's summary
+line (the same line ``train.log`` holds)::
 
     epoch 3/10  batch 120/500 (24%)  loss 0.4321  acc 0.8812  lr 0.001  812 samples/s  eta 0:38
     epoch 3/10  lr 0.001  train_loss 0.4102  ...  val_acc 0.8951  2.1s  798 samples/s
@@ -107,20 +108,25 @@ FALLBACK_EVERY_S = 30.0
 
 
 def plain_line_due(every: tuple[str, float] | None, batch: int, total: int | None,
-                   last_batch: int, seconds_since_last: float) -> bool:
+                   last_batch: int, seconds_since_last: float, min_seconds: float = 0.0) -> bool:
     """Whether a plain progress line is due at this refresh point.
 
     ``batch``: train batches done this epoch; ``last_batch``: where the last line was printed (0
-    at the epoch's start); ``seconds_since_last``: loop time since that line. The epoch's last
-    batch prints nothing: the epoch's summary line follows.
+    at the epoch's start); ``seconds_since_last``: loop time since that line (or the epoch's
+    start). The epoch's last batch prints nothing: the epoch's summary line follows. Nothing is
+    due before ``min_seconds``: short epochs print their summary only, not a line per 10%.
 
     Example:
         >>> [b for b in range(1, 9) if plain_line_due(("%", 25), b, 8, 2 * ((b - 1) // 2), 0.0)]
         [2, 4, 6]
         >>> plain_line_due(("s", 30), 7, None, 3, 29.9), plain_line_due(("s", 30), 7, None, 3, 30.0)
         (False, True)
+        >>> [plain_line_due(("%", 25), 4, 8, 2, seconds, min_seconds=5) for seconds in (4.9, 5.0)]
+        [False, True]
     """
     if every is None or batch <= last_batch or (total is not None and batch >= total):
+        return False
+    if seconds_since_last < min_seconds:
         return False
     kind, n = every
     if kind == "%" and not total:
@@ -227,6 +233,8 @@ class ProgressBar(Callback):
         min_interval_s: the live bar is redrawn at most this often (drawing costs ~2 ms).
         plain_every: without a terminal, an in-epoch line every ``"10%"`` of the epoch, every
             ``"30s"`` of loop time, or every N batches (an int); None: the summary line only.
+        plain_min_s: and at least this many seconds of loop time apart (counted from the epoch's
+            start), so epochs shorter than that print their summary line only; 0: no minimum.
 
     Example:
         >>> bar = ProgressBar(plain_every="5%")  # Trainer(..., callbacks=[bar]) replaces the default one
@@ -235,10 +243,11 @@ class ProgressBar(Callback):
     order = 100  # after every other callback, so summaries include what they added
 
     def __init__(self, console: Console | None = None, min_interval_s: float = 0.25,
-                 plain_every: str | int | None = "10%") -> None:
+                 plain_every: str | int | None = "10%", plain_min_s: float = 5.0) -> None:
         self.console = console or Console()
         self.min_interval_s = min_interval_s
         self.plain_every = parse_every(plain_every)
+        self.plain_min_s = plain_min_s
         self._last_update = 0.0
         self._progress: Progress | None = None
         self._task: Any = None
@@ -299,7 +308,7 @@ class ProgressBar(Callback):
     def _plain(self, state: Any) -> None:
         elapsed, left = self._pace(state)
         if not plain_line_due(self.plain_every, state.batch_idx, self._total, self._plain_batch,
-                              elapsed - self._plain_time):
+                              elapsed - self._plain_time, self.plain_min_s):
             return
         speed = self._samples / elapsed if elapsed > 0 else None
         self.print(plain_line(state.epoch + 1, state.max_epochs, state.batch_idx, self._total,
