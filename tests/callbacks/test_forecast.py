@@ -134,3 +134,48 @@ def test_state_dict_round_trip():
     restored = ForecastCallback()
     restored.load_state_dict(callback.state_dict())
     assert restored.state_dict() == callback.state_dict() and ForecastCallback.order == -5
+
+
+def plateau(n: int) -> list[float]:
+    """A run that has flattened near 0.6: no forecast can reach 0.9."""
+    return [0.6 - 0.3 * np.exp(-e / 2) for e in range(1, n + 1)]
+
+
+def test_an_unreliable_forecast_never_stops_the_run():
+    trainer = fake_trainer(plateau(6))  # 6 points: below the 8 a firm forecast needs
+    callback = ForecastCallback(monitor="val_acc", stop_if_below=0.9, patience=1)
+    callback.after_epoch(trainer)
+    assert callback.last is not None and not callback.last.reliable and callback.last.high < 0.9
+    assert not trainer.state.should_stop and callback.strikes == 0
+    assert callback.forecasts[-1]["reliable"] is False
+    assert "forecast_val_acc" in trainer.state.history.records[-1]  # still logged
+
+
+def test_a_reliable_hopeless_forecast_stops_the_run(capsys):
+    trainer = fake_trainer(plateau(12))
+    callback = ForecastCallback(monitor="val_acc", stop_if_below=0.9, patience=1)
+    callback.after_epoch(trainer)
+    assert callback.last.reliable and trainer.state.should_stop and callback.stopped_epoch == 12
+    out = capsys.readouterr().out
+    assert "stopping at epoch 12 of 40" in out and "forecast to be" in out and "at epoch 40" in out
+
+
+def test_unreliable_forecasts_between_reliable_ones_neither_count_nor_reset(monkeypatch):
+    import adaptrain.callbacks.forecast as module
+
+    real = module.forecast
+    flags = iter([True, False, True])
+
+    def flagged(*args, **kwargs):
+        fc = real(*args, **kwargs)
+        fc.reliable = next(flags)
+        return fc
+
+    monkeypatch.setattr(module, "forecast", flagged)
+    callback = ForecastCallback(monitor="val_acc", stop_if_below=0.9, patience=2)
+    trainer = fake_trainer(plateau(10))
+    for n in (10, 11, 12):
+        trainer.state.history = History([{"epoch": i + 1, "lr": 0.1, "val_acc": v} for i, v in enumerate(plateau(n))])
+        callback.after_epoch(trainer)
+    assert [f["reliable"] for f in callback.forecasts] == [True, False, True]
+    assert callback.strikes == 2 and trainer.state.should_stop and callback.stopped_epoch == 12

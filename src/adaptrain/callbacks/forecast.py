@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 def hopeless(fc: Forecast, stop_if_below: float | None = None, stop_if_above: float | None = None) -> str | None:
     """Why the forecast says the target is out of reach (even its optimistic end misses it), or None.
 
+    This looks at the interval only; :class:`ForecastCallback` also requires ``fc.reliable``.
+
     Example:
         >>> fc = Forecast(0.60, 0.55, 0.66, 40, "max", 0.9, {}, [], [], 1.0)
         >>> hopeless(fc, stop_if_below=0.9)
@@ -40,8 +42,10 @@ class ForecastCallback(Callback):
     The learning rate of each record is passed along, so the fit starts after the last lr drop.
 
     Changes training only with ``stop_if_below`` (mode "max") or ``stop_if_above`` (mode "min"):
-    once ``min_epochs`` values exist and ``patience`` forecasts in a row say that even the interval's
-    optimistic end misses the target, it sets ``state.should_stop`` and prints why.
+    once ``min_epochs`` values exist and ``patience`` reliable forecasts in a row say that even the
+    interval's optimistic end misses the target, it sets ``state.should_stop`` and prints why. A
+    forecast flagged unreliable (few points, an interval wider than the observed range, an lr drop
+    just before; see ``Forecast.reasons``) is logged but never counts toward stopping.
 
     Example:
         >>> cb = ForecastCallback(monitor="val_acc", stop_if_below=0.9, min_epochs=5)
@@ -70,7 +74,7 @@ class ForecastCallback(Callback):
         self.at, self.min_epochs, self.patience, self.every = at, min_epochs, patience, every
         self.stop_if_below, self.stop_if_above, self.level = stop_if_below, stop_if_above, level
         self.limits, self.use_lr = limits, use_lr
-        self.forecasts: list[dict[str, float]] = []  # one per forecast: epoch, value, low, high
+        self.forecasts: list[dict[str, float]] = []  # one per forecast: epoch, value, low, high, reliable
         self.strikes = 0  # consecutive forecasts that missed the target
         self.stopped_epoch: int | None = None
         self.last: Forecast | None = None  # the latest forecast, with its families and curves
@@ -95,16 +99,20 @@ class ForecastCallback(Callback):
         try:
             fc = forecast([r["epoch"] for r in points], values, at=at, mode=self.mode, level=self.level,
                           lrs=lrs if self.use_lr and all(_finite(lr) for lr in lrs) else None,
-                          limits=limits, metric=self.monitor, min_points=min(self.min_epochs, 5))
+                          limits=limits, metric=self.monitor, min_points=min(self.min_epochs, 5), unit="epoch")
         except ForecastError as error:
             self.last_error, self.strikes = str(error), 0
             return
         self.last, self.last_error = fc, None
         key = f"forecast_{self.monitor}"
         record.update({key: fc.value, f"{key}_low": fc.low, f"{key}_high": fc.high})
-        self.forecasts.append({"epoch": record["epoch"], "value": fc.value, "low": fc.low, "high": fc.high})
-        reason = hopeless(fc, self.stop_if_below, self.stop_if_above)
-        self.strikes = self.strikes + 1 if reason else 0
+        self.forecasts.append({"epoch": record["epoch"], "value": fc.value, "low": fc.low, "high": fc.high,
+                               "reliable": fc.reliable})
+        # An unreliable forecast says little about where the run ends: it neither counts toward
+        # stopping nor clears the strikes of reliable ones before it.
+        reason = hopeless(fc, self.stop_if_below, self.stop_if_above) if fc.reliable else None
+        if fc.reliable:
+            self.strikes = self.strikes + 1 if reason else 0
         if reason and self.strikes >= self.patience:
             self.stopped_epoch = record["epoch"]
             state.should_stop = True
