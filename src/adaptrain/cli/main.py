@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     fc = verbs.add_parser("forecast", help="forecast a metric of a run at a later epoch")
     fc.add_argument("history", help="a run folder or its history.csv")
     fc.add_argument("--metric", required=True, help="a column of history.csv, e.g. val_acc")
-    fc.add_argument("--at", type=float, required=True, help="the epoch to forecast")
+    fc.add_argument("--at", type=float, required=True, help="the epoch to forecast (history.csv counts epochs)")
     fc.add_argument("--mode", choices=["min", "max"], help="default: min for losses, else max")
     fc.add_argument("--plot", metavar="PNG", help="also plot the fits and the interval")
     fc.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
@@ -335,7 +335,10 @@ def _forecast(args: argparse.Namespace) -> int:
     print(f"{fc.metric} at epoch {fc.at:g}: {fc.value:.4g}  ({fc.level:.0%} interval {fc.low:.4g} .. {fc.high:.4g}; "
           f"fitted on epochs {fc.segment_start:g}-{fc.epochs[-1]:g})")
     for name, fit in sorted(fc.families.items(), key=lambda kv: -kv[1].weight):
-        print(f"  {name:<15} weight {fit.weight:.2f}  predicts {fit.prediction:.4g}")
+        if fit.weight > 0:
+            print(f"  {name:<17} weight {fit.weight:.2f}  predicts {fit.prediction:.4g}")
+    for reason in fc.reasons:
+        print(f"  unreliable: {reason}")
     for note in fc.notes:
         print(f"  note: {note}")
     return 0
