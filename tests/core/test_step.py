@@ -125,8 +125,7 @@ def test_before_step_can_cancel_the_step_its_values_are_not_tracked():
     cancel = CancelSteps({0, 1, 2, 3, 4})  # every step of the first epoch
     trainer = fit(OOMAt(), callbacks=[cancel], epochs=1)
     assert cancel.cancelled == 5 and trainer.state.global_step == 0
-    assert all(torch.equal(a, b) for a, b in zip(weights(trainer), weights(Trainer(OOMAt(), torch.optim.SGD(
-        OOMAt().parameters(), lr=0.1), nn.CrossEntropyLoss(), progress=False))))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights(trainer), OOMAt().parameters()))  # seeded init
     assert "train_loss" not in trainer.state.history.records[0]  # no step succeeded: nothing tracked
 
 

@@ -307,7 +307,7 @@ def test_gradients_set_to_none_and_eval_in_inference_mode():
     trainer = make_trainer(model, max_epochs=1)
     loader = data.loader(data.classification(16), batch_size=16)
     trainer.fit(loader, loader)
-    assert modes == [(True, False), (False, True)]
+    assert modes == [(False, True), (True, False), (False, True)]  # the sanity pass, the step, validation
     assert all(p.grad is None for p in model.parameters())
     assert not torch.is_anomaly_enabled()
 

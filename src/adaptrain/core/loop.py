@@ -16,8 +16,10 @@ already mixed into ``.grad``; what it costs is recomputing at most one window af
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
@@ -33,6 +35,8 @@ from adaptrain.errors import NonFiniteLossError
 if TYPE_CHECKING:
     from adaptrain.core.state import TrainState
 
+#: Val batches run by the sanity pass before the first step (Lightning's num_sanity_val_steps).
+SANITY_VAL_BATCHES = 2
 #: The out-of-memory errors a step can recover from, matched by type, never by message text.
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
@@ -80,13 +84,14 @@ class TrainingLoop:
         state.window.clear()
         state.train_sums.reset()
         state.running, state.data_time, state.compute_time = {}, 0.0, 0.0
-        state.num_batches = loader_length(state.train_loader)
+        length = loader_length(state.train_loader)
+        state.num_batches = min(length, self.limit_batches) if length is not None and self.limit_batches else length
         epoch_start = time.perf_counter()
         samples_before = state.samples_seen
         batches = self._epoch_batches()
         try:
             fetch_start = time.perf_counter()
-            for batch in batches:
+            for batch in self._limited(batches):
                 compute_start = time.perf_counter()
                 state.data_time += compute_start - fetch_start
                 samples = batch_size_of(*unpack_batch(batch, "train_loader"))  # the position counts what was fetched
@@ -278,6 +283,9 @@ class TrainingLoop:
             except Exception as error:
                 _reraise_naming(error, f"the criterion ({_name(self.criterion)}) failed on outputs "
                                        f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
+        if loss.numel() != 1:  # shape is host-side: no sync
+            raise ValueError(f"the criterion ({_name(self.criterion)}) returned a loss of shape {list(loss.shape)} "
+                             f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', not 'none'.")
         return outputs, loss, parts
 
     def _refresh(self) -> None:
@@ -293,8 +301,27 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ evaluation
     def _validate_epoch(self) -> None:
-        self.state.epoch_logs.update(self._run_eval(self.state.val_loader, "val", "val_loader"))
+        self.state.epoch_logs.update(self._run_eval(self._limited(self.state.val_loader), "val", "val_loader"))
         self.state.validated = True
+
+    def _sanity_check(self) -> list[str]:
+        """A forward pass over the first val batches before training, so a val-side mistake (shapes, the
+        criterion, a metric) stops the run now, not one epoch late. It leaves every RNG as it was (a
+        shuffling val loader included) and fires no events. Returns the val_ keys validation records."""
+        state = self.state
+        saved, loader_state = rng_state(), loader_rng_state(state.val_loader)
+        try:
+            values = self._run_eval(itertools.islice(state.val_loader, SANITY_VAL_BATCHES), "val", "val_loader")
+        finally:
+            set_rng_state(saved)
+            set_loader_rng_state(state.val_loader, loader_state)
+        if not values:
+            warnings.warn("fit(val_loader=...): the val loader yielded no batches; epochs will have no val_ values.")
+        return list(values)
+
+    def _limited(self, loader: Iterable) -> Iterable:
+        """The loader, cut to ``limit_batches`` batches in a dry run (``fast_dev_run``)."""
+        return itertools.islice(loader, self.limit_batches) if self.limit_batches else loader
 
     @torch.inference_mode()
     def _run_eval(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:

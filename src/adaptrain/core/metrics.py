@@ -132,8 +132,11 @@ class MetricSet:
                 if _is_torchmetric(metric):
                     metric.update(_detach(preds), _detach(target))
                 else:
-                    value = metric(_detach(preds), _detach(target))
-                    self.means[name].update(torch.as_tensor(value, device=self.device), batch_size)
+                    value = torch.as_tensor(metric(_detach(preds), _detach(target)), device=self.device)
+                    if value.numel() != 1:  # shape is host-side: no sync
+                        raise ValueError(f"it returned a tensor of shape {list(value.shape)}; expected one number, "
+                                         "the batch mean (reduce per-sample values with .mean())")
+                    self.means[name].update(value, batch_size)
             except Exception as error:
                 raise MetricError(
                     f"metric {name!r} ({_name_of(metric)}) raised {type(error).__name__}: {error} "

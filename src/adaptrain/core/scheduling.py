@@ -59,6 +59,10 @@ class LRSchedule:
                               'monitored value; use "epoch".')
         self.monitor = spec["monitor"] or ("val_loss" if state.val_loader is not None else "train_loss")
 
+    def plateau_monitor(self, state: TrainState) -> str | None:
+        """The value a ReduceLROnPlateau scheduler is fed (None for other schedulers)."""
+        return self.monitor if isinstance(state.scheduler, ReduceLROnPlateau) else None
+
     def step_epoch(self, state: TrainState) -> None:
         """Step an epoch-interval scheduler; ReduceLROnPlateau gets its monitored value."""
         if state.scheduler is None or state.scheduler_interval != "epoch":
@@ -66,8 +70,7 @@ class LRSchedule:
         if isinstance(state.scheduler, ReduceLROnPlateau):
             value = state.epoch_logs.get(self.monitor)
             if value is None:
-                if state.val_loader is not None and self.monitor.startswith("val_") and \
-                        not any(k.startswith("val_") for k in state.epoch_logs):
+                if self.monitor.startswith("val_") and not state.validated:
                     return  # validation was skipped this epoch: nothing to feed the plateau scheduler
                 raise ConfigError("scheduler.monitor", f'is "{self.monitor}", which no loader produced; '
                                   f"available: {sorted(k for k in state.epoch_logs if k != 'epoch')}.")

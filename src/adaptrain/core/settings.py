@@ -53,6 +53,8 @@ TRAINER_RULES: dict[str, Rule] = {
     "log_every_n_steps": _integer(1, MAX_COUNT, "a batch count"),
     "gradient_clip_val": Rule("a positive number or None", _positive_or_none),
     "nan_policy": _choice("raise", "skip"),
+    "fast_dev_run": Rule("True, False or a number of batches >= 1",
+                         lambda v: isinstance(v, bool) or (isinstance(v, int) and 1 <= v <= MAX_COUNT)),
     "seed": Rule(f"an integer from 0 to {MAX_SEED} or None",
                  lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED)),
 }

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from adaptrain.core.batching import call_model, detach_cpu, rebuild, to_device, unpack_batch
+from adaptrain.core.batching import call_model, describe, detach_cpu, rebuild, to_device, unpack_batch
 from adaptrain.core.callback import Callback, CallbackList
 from adaptrain.core.events import Event
 from adaptrain.core.history import History
@@ -17,6 +17,8 @@ from adaptrain.core.loop import TrainingLoop
 from adaptrain.core.losses import as_criterion
 from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
+from adaptrain.core.preflight import (check_monitors, check_optimizer_covers, monitored_names, schedule_too_long,
+                                      slow_cpu_precision, train_keys, warn_once, writes_records)
 from adaptrain.core.resume import restore_checkpoint
 from adaptrain.core.scheduling import LRSchedule
 from adaptrain.core.settings import check_trainer_settings, setting_error
@@ -55,6 +57,8 @@ class Trainer(TrainingLoop):
         compile: wrap the model's forward in ``torch.compile``.
         progress: show the progress bar (plain lines when stdout is not a terminal).
         log_every_n_steps: batches between reads of running loss and metrics (host-device syncs).
+        fast_dev_run: a dry run: ``True`` or N trains one epoch of N (1) train batches and validates
+            N val batches, every callback included, to check a setup end to end in seconds.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -86,15 +90,17 @@ class Trainer(TrainingLoop):
         compile: bool = False,
         progress: bool = True,
         log_every_n_steps: int = 20,
+        fast_dev_run: bool | int = False,
     ) -> None:
-        _check_objects(model, optimizer)
+        _check_objects(model, optimizer, metrics)
         check_trainer_settings(accumulate_grad_batches=accumulate_grad_batches, max_epochs=max_epochs,
                                log_every_n_steps=log_every_n_steps, gradient_clip_val=gradient_clip_val,
-                               nan_policy=nan_policy, seed=seed,
+                               nan_policy=nan_policy, seed=seed, fast_dev_run=fast_dev_run,
                                **({} if isinstance(precision, Precision) else {"precision": precision}))
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.criterion = as_criterion(criterion)
+        check_optimizer_covers(self.model, optimizer, self.criterion)
         self.metric_specs = dict(metrics or {})
         self.precision = resolve_precision(precision, self.device)  # resolved once: fit, bench and tune share it
         self.precision_name = self.precision.name
@@ -102,6 +108,7 @@ class Trainer(TrainingLoop):
         self.seed = seed
         self.nan_policy = nan_policy
         self.log_every_n_steps = log_every_n_steps
+        self.limit_batches: int | None = int(fast_dev_run) or None  # batches per epoch and per validation
         self.micro_batch_size: int | None = None  # split each batch into micro-batches of this size (None: don't)
         self._forward_model = torch.compile(model) if compile else model
         self._schedule = LRSchedule(scheduler)
@@ -138,12 +145,15 @@ class Trainer(TrainingLoop):
         if self.seed is not None:
             seed_everything(self.seed)
         # Everything that can be wrong is checked here, before the first step.
-        state.steps_per_epoch = _steps_per_epoch(train_loader, state.accumulate_grad_batches)
+        if self.limit_batches:
+            state.max_epochs = state.epoch + 1  # a dry run: one short epoch
+        state.steps_per_epoch = self._steps_per_epoch(train_loader)
         self._schedule.setup(state)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
         if ckpt_path is not None:
             restore_checkpoint(self, ckpt_path)
+        self._preflight(fresh=ckpt_path is None and state.epoch == 0)
         try:
             self._with_events("fit", self._fit_epochs)
             self._raise_interrupt()  # a signal seen in after_fit
@@ -171,7 +181,14 @@ class Trainer(TrainingLoop):
         for batch in loader:
             inputs = _prediction_inputs(batch)
             with self.precision.autocast():
-                outputs.append(detach_cpu(call_model(self._forward_model, to_device(inputs, self.device))))
+                try:
+                    outputs.append(detach_cpu(call_model(self._forward_model, to_device(inputs, self.device))))
+                except TypeError as error:
+                    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+                    hint = (" A batch of two items is read as (inputs, targets); for a model with two inputs, give "
+                            "batches as ((x1, x2),) or {'inputs': (x1, x2)}." if pair else "")
+                    raise TypeError(f"predict: the model ({type(self.model).__name__}) failed on inputs "
+                                    f"{describe(inputs)}: {error}.{hint}") from error
         return _concat(outputs)
 
     def replace_train_loader(self, loader: Iterable | None = None, **changes: Any) -> Iterable:
@@ -206,7 +223,36 @@ class Trainer(TrainingLoop):
     def _install_train_loader(self, loader: Iterable) -> None:
         state = self.state
         state.train_loader, state.next_train_loader = loader, None
-        state.steps_per_epoch = _steps_per_epoch(loader, state.accumulate_grad_batches)
+        state.steps_per_epoch = self._steps_per_epoch(loader)
+
+    def _steps_per_epoch(self, loader: Iterable) -> int | None:
+        length = loader_length(loader)
+        if length == 0:
+            raise ValueError("fit(train_loader=...): the loader is empty; expected at least one batch.")
+        if length is not None and self.limit_batches:
+            length = min(length, self.limit_batches)
+        return math.ceil(length / self.state.accumulate_grad_batches) if length is not None else None
+
+    def _preflight(self, fresh: bool) -> None:
+        """Checks before the first step: schedule length, a sanity pass over val batches, monitored names."""
+        state = self.state
+        run_steps = state.steps_per_epoch * state.max_epochs if state.steps_per_epoch else None
+        problem = fresh and schedule_too_long(state.scheduler, run_steps, state.steps_per_epoch,
+                                              state.scheduler_interval)
+        if problem:
+            warnings.warn(problem)
+        slow = self.device.type == "cpu" and slow_cpu_precision(self.precision.name)
+        if slow:
+            warn_once(slow)
+        val_keys = self._sanity_check() if state.val_loader is not None else []
+        if any(writes_records(cb) for cb in self.callbacks):
+            return  # a callback of the user's may add the monitored value: its owner checks it at the epoch end
+        metric_keys = [f"train_{name}" for name, _, _ in self.train_metrics.entries]
+        produced = [*val_keys, *train_keys(val_keys), "train_loss", *metric_keys]
+        monitors = [(field, name) for field, name in monitored_names(self.callbacks, self._schedule.plateau_monitor(state))
+                    if (name.startswith("val_") and val_keys) or (name.startswith("train_") and
+                                                                    (val_keys or not name.startswith("train_loss_")))]
+        check_monitors(monitors, produced)  # without a val loader, the callbacks name that problem themselves
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Send ``metrics`` to every logger (any callback that implements ``log_metrics``), at the
@@ -231,11 +277,14 @@ class Trainer(TrainingLoop):
 
 
 # ---------------------------------------------------------------------- helpers (pure)
-def _check_objects(model: Any, optimizer: Any) -> None:
+def _check_objects(model: Any, optimizer: Any, metrics: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Trainer(model=...): expected a torch.nn.Module; received {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"Trainer(optimizer=...): expected a torch.optim.Optimizer; received {type(optimizer).__name__}.")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(f"Trainer(metrics=...): expected a dict of name -> metric, e.g. {{\"acc\": "
+                        f"MulticlassAccuracy(num_classes=10)}}; received a {type(metrics).__name__}.")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -248,6 +297,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise setting_error("device", str(device), 'expected "auto", "cpu", "cuda" or "cuda:N".') from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise setting_error("device", str(device), 'CUDA is not available on this machine; use "auto" or "cpu".')
+    mps = getattr(torch.backends, "mps", None)
+    if resolved.type == "mps" and not (mps and mps.is_available()):
+        raise setting_error("device", str(device), 'MPS (Apple GPU) is not available on this machine; use "auto" '
+                            'or "cpu".')
     return resolved
 
 
@@ -267,13 +320,6 @@ def _prediction_inputs(batch: Any) -> Any:
     if isinstance(batch, dict) and "targets" not in batch:
         return batch.get("inputs", batch)
     return unpack_batch(batch, "predict loader")[0]
-
-
-def _steps_per_epoch(loader: Iterable, accumulate: int) -> int | None:
-    length = loader_length(loader)
-    if length == 0:
-        raise ValueError("fit(train_loader=...): the loader is empty; expected at least one batch.")
-    return math.ceil(length / accumulate) if length is not None else None
 
 
 def _concat(outputs: list) -> Any:

@@ -301,9 +301,9 @@ def profile(model: nn.Module, example_inputs: Any = None, input_shapes: Any = No
 
         # fit's own step (Trainer.run_step, fp32 plugin) on a synthetic loss, with an SGD step at lr 0:
         # the cheapest optimizer step, which leaves the weights as they are (and they are restored anyway).
-        params = list(work.parameters()) or [torch.zeros(0, requires_grad=True)]  # a model without weights
-        stepper = Trainer(work, torch.optim.SGD(params, lr=0.0), lambda out, _: output_loss(out), device=dev,
-                          progress=False)
+        loss = _OutputSum().to(dev)
+        params = list(work.parameters()) or list(loss.parameters())  # a model without weights steps the anchor
+        stepper = Trainer(work, torch.optim.SGD(params, lr=0.0), loss, device=dev, progress=False)
 
         def train_step() -> None:
             stepper.run_step((batch, None))
@@ -340,3 +340,15 @@ def profile(model: nn.Module, example_inputs: Any = None, input_shapes: Any = No
         peak_mem_train_mb=mem_train, activation_mb=act_mb,
         memory_measure=CUDA_MEMORY_MEASURE if dev.type == "cuda" else CPU_MEMORY_MEASURE,
         modules=modules, notes=notes)
+
+
+class _OutputSum(nn.Module):
+    """The synthetic loss of a profiled training step (the sum of the floating outputs). It holds an
+    empty parameter, so that a model without weights still has something for the optimizer to step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(0))
+
+    def forward(self, outputs: Any, targets: Any) -> torch.Tensor | None:
+        return output_loss(outputs)
