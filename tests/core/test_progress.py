@@ -15,7 +15,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaptrain import Callback, ProgressBar, Trainer
-from adaptrain.callbacks.progress import clock, eta, live_line, parse_every, plain_line, plain_line_due
+from adaptrain.core.progress import clock, eta, live_line, parse_every, plain_line, plain_line_due
 
 
 # ---------------------------------------------------------------------- the interval, as numbers

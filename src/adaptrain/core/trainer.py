@@ -17,6 +17,7 @@ from adaptrain.core.loop import TrainingLoop
 from adaptrain.core.losses import as_criterion
 from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
+from adaptrain.core.progress import ProgressBar
 from adaptrain.core.preflight import (check_monitors, check_optimizer_covers, monitored_names, schedule_too_long,
                                       slow_cpu_precision, train_keys, warn_once, writes_records)
 from adaptrain.core.resume import restore_checkpoint
@@ -113,8 +114,8 @@ class Trainer(TrainingLoop):
         self._forward_model = torch.compile(model) if compile else model
         self._schedule = LRSchedule(scheduler)
         callbacks = list(callbacks or [])
-        if progress and not any(type(cb).__name__ == "ProgressBar" for cb in callbacks):
-            callbacks.append(_progress_bar())
+        if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            callbacks.append(ProgressBar())
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device, precision=self.precision,
                                 train_sums=RunningSums(self.metric_specs, self.device), callbacks=self.callbacks,
@@ -272,7 +273,7 @@ class Trainer(TrainingLoop):
         """Print on rank zero only, through the progress bar's console when there is one."""
         if not self.is_global_zero:
             return
-        bars = [cb for cb in self.callbacks if type(cb).__name__ == "ProgressBar"]
+        bars = self.callbacks.find(ProgressBar)
         (bars[0].print if bars else print)(*args)
 
 
@@ -302,13 +303,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise setting_error("device", str(device), 'MPS (Apple GPU) is not available on this machine; use "auto" '
                             'or "cpu".')
     return resolved
-
-
-def _progress_bar() -> Callback:
-    # The default bar lives in callbacks/ (above core); imported by name so core does not depend on it.
-    from importlib import import_module
-
-    return import_module("adaptrain.callbacks.progress").ProgressBar()
 
 
 def _prediction_inputs(batch: Any) -> Any:
