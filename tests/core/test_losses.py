@@ -30,3 +30,11 @@ def test_split_loss_forms():
         split_loss(3.0)
     with pytest.raises(TypeError, match="expected a callable loss"):
         as_criterion(5)
+
+
+def test_a_tuple_output_is_selected_by_an_int_or_by_its_digits_as_yaml_gives_them():
+    from adaptrain.core.batching import select
+
+    outputs = (torch.zeros(2), torch.ones(2))
+    assert torch.equal(select(outputs, 1), outputs[1]) and torch.equal(select(outputs, "1"), outputs[1])
+    assert select({"1": "a"}, "1") == "a"  # a dict keeps its string keys

@@ -84,9 +84,11 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def select(obj: Any, key: Any) -> Any:
-    """Pick one output (or target) by dict key or sequence index; ``None`` keeps the whole."""
+    """Pick one output (or target) by dict key or sequence index (an int, or its digits); ``None`` keeps the whole."""
     if key is None:
         return obj
+    if isinstance(key, str) and key.isdigit() and isinstance(obj, (tuple, list)):
+        key = int(key)  # YAML mapping keys are strings: "0" names the first output of a tuple
     try:
         return obj[key]
     except (KeyError, IndexError, TypeError) as error:
