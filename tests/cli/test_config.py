@@ -99,3 +99,57 @@ def test_yaml_round_trip_and_flatten(config_file):
     flat = flatten(config)
     assert flat["trainer.max_epochs"] == 5 and flat["model.init_args.in_features"] == 8
     assert flat["callbacks"] == [] and "metrics.acc.init_args.num_classes" in flat
+
+
+# ---------------------------------------------------------------------- turning loggers off
+LIST_FORM = ["mlflow", "tensorboard"]
+MAPPING_FORM = {"mlflow": {"log_system_metrics": False}, "tensorboard": {}}
+
+
+@pytest.mark.parametrize("form", [LIST_FORM, MAPPING_FORM], ids=["list", "mapping"])
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["loggers.mlflow=false"], ["CSVLogger", "TensorBoardLogger"]),
+    (["loggers.tensorboard=false"], ["CSVLogger", "MLflowLogger"]),
+    (["loggers.mlflow=false", "loggers.tensorboard=false"], ["CSVLogger"]),
+    (["loggers=null"], ["CSVLogger"]),  # the documented way to turn every optional logger off
+    (["loggers=[]"], ["CSVLogger"]),
+    (["loggers={}"], ["CSVLogger"]),  # replaces the section: it does not merge into it (and change nothing)
+    (["loggers=[tensorboard]"], ["CSVLogger", "TensorBoardLogger"]),
+    ([], ["CSVLogger", "MLflowLogger", "TensorBoardLogger"]),
+], ids=["mlflow-off", "tensorboard-off", "both-off", "null", "empty-list", "empty-mapping", "replaced", "as-written"])
+def test_loggers_turn_off_from_the_command_line_in_either_form(tmp_path, form, overrides, expected):
+    from adaptrain.cli.experiment import build
+
+    path = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers=form))
+    built = build(load_config([path], overrides), "fit")
+    assert [type(logger).__name__ for logger in built.loggers] == expected
+    assert not (tmp_path / "runs").exists()  # building writes nothing
+
+
+def test_a_list_of_loggers_is_addressed_by_name(tmp_path):
+    """``loggers.<name>...`` on the list form: the list becomes the mapping form; specs keep their index."""
+    form = ["mlflow", {"tensorboard": {"flush_secs": 5}}, {"class_path": "adaptrain.loggers.CSVLogger"}]
+    path = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers=form))
+    config = load_config([path], ["loggers.mlflow.log_artifacts=false"])
+    assert config["loggers"] == {"mlflow": {"log_artifacts": False}, "tensorboard": {"flush_secs": 5},
+                                 "2": {"class_path": "adaptrain.loggers.CSVLogger"}}
+    assert load_config([path], ["loggers.0=false"])["loggers"][0] is False  # by index, still a list
+
+
+def test_loggers_off_end_to_end_leaves_no_mlflow_store(tmp_path, capsys, monkeypatch):
+    from adaptrain.cli.main import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = base_config(tmp_path / "runs", loggers=["mlflow"])
+    config["trainer"]["max_epochs"] = 1
+    path = write_config(tmp_path / "run.yaml", config)
+    assert main(["fit", "--config", str(path), "loggers.mlflow=false", "run_name=quiet"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "runs/tiny/quiet/history.csv").is_file()  # the CSV logger is always on
+    assert not (tmp_path / "runs/mlflow.db").exists() and "mlflow: run" not in capsys.readouterr().out
+
+
+def test_loggers_listed_in_one_file_and_mapped_in_another_merge(tmp_path):
+    first = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers=["mlflow"]))
+    second = write_config(tmp_path / "more.yaml", "loggers: {tensorboard: {}, mlflow: {log_artifacts: false}}\n")
+    assert load_config([first, second])["loggers"] == {"mlflow": {"log_artifacts": False}, "tensorboard": {}}
+    assert load_config([second, first])["loggers"] == {"mlflow": True, "tensorboard": {}}

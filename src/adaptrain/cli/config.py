@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from adaptrain.cli.config_checks import SECTIONS, check_values, expected_spec, show, translate
+from adaptrain.cli.config_checks import (SECTIONS, check_values, container_mismatch, expected_spec, show,
+                                         translate)
 from adaptrain.errors import ConfigError
 
 
@@ -198,8 +199,10 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(where, f"is not valid YAML: {error.problem}.", str(path)) from None
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"is not valid YAML: {error}.", str(path)) from None
+    except OSError:  # OmegaConf refuses a file holding one plain value ("5", "text")
+        raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, DictConfig):
-        raise ConfigError("(top level)", f"is a {type(raw).__name__}; expected a mapping of sections "
+        raise ConfigError("(top level)", f"is {show(raw)}; expected a mapping of sections "
                           f"({', '.join(RunConfig.__dataclass_fields__)}).", str(path))
     for section in SECTIONS:  # whole-section type errors carry no key in OmegaConf
         value = raw.get(section) if section in raw else _ABSENT
@@ -209,6 +212,17 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def _merge(config: DictConfig, raw: DictConfig, source: str) -> DictConfig:
+    # A list where the config has a mapping (or the reverse) is a TypeError in OmegaConf, with no key:
+    # found here first, so the message names the key.
+    mismatch = container_mismatch(config, OmegaConf.to_container(raw, resolve=False))
+    ours, theirs = config.get("loggers"), raw.get("loggers")
+    if isinstance(ours, ListConfig) != isinstance(theirs, ListConfig) and None not in (ours, theirs):
+        for node in (config, raw):  # a list in one file, a mapping in another: both as mappings, merged
+            if isinstance(node.loggers, ListConfig):
+                node.loggers = loggers_by_name(OmegaConf.to_container(node.loggers, resolve=False))
+    if mismatch:
+        key, message = mismatch
+        raise ConfigError(key, message, source)
     try:
         return OmegaConf.merge(config, raw)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
@@ -225,12 +239,22 @@ def _parse_override(item: str) -> tuple[str, Any]:
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # YAML typing
     except Exception as error:  # noqa: BLE001 - any parse failure is a bad override
-        raise ConfigError(key, f"has a value that is not valid YAML ({text!r}): {error}", COMMAND_LINE) from None
+        if isinstance(error, yaml.MarkedYAMLError):  # the parser's message spans lines, with a caret
+            reason = " ".join(str(part) for part in (error.problem, error.context) if part)
+        else:
+            reason = " ".join(str(error).split())
+        raise ConfigError(key, f"has a value that is not valid YAML ({text!r}: {reason}); quote a value that is "
+                          f"text, e.g. {key}='\"{text}\"'.", COMMAND_LINE) from None
     return key, value
 
 
 def _apply_override(config: DictConfig, key: str, value: Any) -> None:
     parts = key.split(".")
+    if key == "loggers":  # the whole section, replaced: loggers=[] / {} / null turn every optional logger off
+        config.loggers = value
+        return
+    if parts[0] == "loggers" and len(parts) > 1 and not parts[1].isdigit() and isinstance(config.loggers, ListConfig):
+        config.loggers = loggers_by_name(OmegaConf.to_container(config.loggers, resolve=False))  # loggers.mlflow=false
     # Setting scheduler.class_path while scheduler is null: build the section from the rest of the key.
     for depth in range(1, len(parts)):
         prefix = ".".join(parts[:depth])
@@ -244,6 +268,25 @@ def _apply_override(config: DictConfig, key: str, value: Any) -> None:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
         raise translate(error, config, COMMAND_LINE, value, key) from None
+
+
+def loggers_by_name(loggers: list[Any]) -> dict[str, Any]:
+    """The list form of ``loggers`` as the mapping form, so ``loggers.<name>=...`` can address an entry.
+
+    Example:
+        >>> loggers_by_name(["mlflow", {"tensorboard": {"flush_secs": 5}}, {"class_path": "my.Logger"}])
+        {'mlflow': True, 'tensorboard': {'flush_secs': 5}, '2': {'class_path': 'my.Logger'}}
+    """
+    named: dict[str, Any] = {}
+    for index, item in enumerate(loggers):
+        if isinstance(item, str) and item not in named:
+            named[item] = True
+        elif isinstance(item, Mapping) and "class_path" not in item and len(item) == 1 and next(iter(item)) not in named:
+            (name, options), = item.items()
+            named[str(name)] = options
+        else:  # a class_path spec (or a repeated name): kept under its position, as errors name it
+            named[str(index)] = item
+    return named
 
 
 # ---------------------------------------------------------------------- output

@@ -12,14 +12,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigIndexError, ConfigKeyError, OmegaConfBaseException
 
 from adaptrain.errors import ConfigError
-from adaptrain.core.precision import PRECISIONS
+from adaptrain.core.settings import MAX_COUNT, TRAINER_RULES, check_setting
 from adaptrain.loggers.run_dir import check_name
 
 SECTIONS = ("model", "data", "optimizer", "scheduler", "criterion", "trainer")  # typed by the schema
@@ -95,20 +97,12 @@ def check_values(config: dict[str, Any], source_of: Callable[[str], str]) -> Non
         raise ConfigError(key, message, source_of(key))
 
     trainer = config["trainer"]
-    if trainer["precision"] not in PRECISIONS:
-        fail("trainer.precision", f'is {show(trainer["precision"])}; expected one of '
-             + ", ".join(f'"{p}"' for p in PRECISIONS) + ".")
-    if trainer["nan_policy"] not in ("raise", "skip"):
-        fail("trainer.nan_policy", f'is {show(trainer["nan_policy"])}; expected "raise" or "skip".')
-    for name in ("max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
-        if trainer[name] < 1:
-            fail(f"trainer.{name}", f"is {trainer[name]}; expected an integer >= 1.")
-    if trainer["gradient_clip_val"] is not None and trainer["gradient_clip_val"] <= 0:
-        fail("trainer.gradient_clip_val", f"is {trainer['gradient_clip_val']}; expected a positive number or null.")
-    data = config["data"]
-    for name, low in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
-        if data[name] is not None and data[name] < low:
-            fail(f"data.{name}", f"is {data[name]}; expected an integer >= {low}.")
+    for name in TRAINER_RULES:  # the rules Trainer(...) applies, from the one table in core/settings.py
+        problem = name in trainer and check_setting(name, trainer[name])
+        if problem:
+            fail(f"trainer.{name}", f"is {show(trainer[name])}; {problem.replace('None', 'null')}.")
+    check_bounds(config, fail)
+    check_root_dir(config["root_dir"], fail)
     scheduler = config["scheduler"]
     if scheduler is not None and scheduler["interval"] not in (None, "step", "epoch"):
         fail("scheduler.interval", f'is {show(scheduler["interval"])}; expected "step", "epoch" or null.')
@@ -131,6 +125,74 @@ def check_values(config: dict[str, Any], source_of: Callable[[str], str]) -> Non
     if loggers is not None and not isinstance(loggers, (list, Mapping)):
         fail("loggers", f"is {show(loggers)}; expected a list (names or class_path specs) or a mapping "
              "of name -> options, e.g. {mlflow: {}, tensorboard: {}}.")
+
+
+#: Integer settings of the config outside the trainer's rule table (core/settings.py), with what the
+#: code can use: (low, high, why high). One table, so it can move next to the trainer's rules.
+INTEGER_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "data.batch_size": (1, MAX_COUNT, "samples in a batch"),
+    "data.eval_batch_size": (1, MAX_COUNT, "samples in a batch"),
+    "data.num_workers": (0, 1024, "worker processes"),
+}
+
+
+def check_bounds(config: Mapping[str, Any], fail: Callable[[str, str], None]) -> None:
+    """Each :data:`INTEGER_BOUNDS` key that is set must be an integer within its bounds.
+
+    Example:
+        >>> check_bounds({"data": {"batch_size": 10**30}}, lambda key, message: print(key, message))
+        data.batch_size is 1000000000000000000000000000000; expected an integer from 1 to 2147483647 (samples in a batch).
+    """
+    for key, (low, high, why) in INTEGER_BOUNDS.items():
+        section, name = key.split(".")
+        value = (config.get(section) or {}).get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            fail(key, f"is {show(value)}; expected an integer from {low} to {high} ({why}).")
+
+
+def check_root_dir(root_dir: Any, fail: Callable[[str, str], None]) -> None:
+    """``root_dir`` must be a folder or creatable as one: no part of it may be an existing file."""
+    path = Path(str(root_dir)).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is an existing file" if folder == path else f"is under {folder}, an existing file"
+                fail("root_dir", f'is "{root_dir}", which {where}; expected a folder for the runs (created if '
+                     "missing), e.g. root_dir=runs.")
+            return
+
+
+def container_mismatch(config: Any, raw: Any, prefix: str = "") -> tuple[str, str] | None:
+    """(key, message) for the first place where ``raw`` has a list and ``config`` a mapping, or the
+    reverse (what OmegaConf's merge reports as a TypeError naming no key), else None.
+
+    ``loggers`` (a list or a mapping, either is fine) is compared only below its first level.
+
+    Example:
+        >>> container_mismatch(OmegaConf.create({"callbacks": [], "metrics": {}}), {"callbacks": {"a": 1}})
+        ('callbacks', 'is a mapping; expected a list of {class_path, init_args} mappings.')
+    """
+    if not isinstance(raw, Mapping) or not isinstance(config, DictConfig):
+        return None
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        node = config._get_node(name) if key != "loggers" and name in config.keys() else None
+        if node is None:
+            continue
+        if isinstance(node, DictConfig) and node._is_missing() and dataclasses.is_dataclass(node._metadata.ref_type):
+            node = OmegaConf.structured(node._metadata.ref_type)  # a section still missing (model, data): its schema
+        if isinstance(node, DictConfig) and not node._is_none() and isinstance(value, list):
+            wanted = "a mapping"
+        elif OmegaConf.is_list(node) and not node._is_none() and isinstance(value, Mapping):
+            wanted = "a list"
+        else:
+            found = container_mismatch(node, value, f"{key}.") if isinstance(value, Mapping) else None
+            if found:
+                return found
+            continue
+        expected = _EXPECTED.get(str(name)) or (expected_spec(key) if key in SECTIONS else wanted)
+        return key, f"is {show(value)}; expected {expected}."
+    return None
 
 
 def check_spec(spec: Any, key: str, fail: Any, extra: Sequence[str] = ()) -> None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import itertools
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -93,9 +94,37 @@ def _build(config: dict[str, Any], verb: str) -> Built:
     except (ValueError, TypeError) as error:
         named = re.search(r"Trainer\((\w+)=", str(error))
         raise ConfigError(f"trainer.{named.group(1)}" if named else "trainer", f"was rejected: {error}") from error
+    if verb == "fit":
+        _check_monitors(callbacks, trainer, loaders)
     if config["ckpt_path"] is not None:
         _check_checkpoint(config["ckpt_path"], model, verb)
     return Built(config, trainer, loaders, loggers)
+
+
+def _check_monitors(callbacks: list[Callback], trainer: Trainer, loaders: Loaders) -> None:
+    """Each callback's ``val_`` monitor against the keys one val batch produces, before the run folder
+    exists: ``monitor: val_accuracy`` fails here with its key, not after the folder was made.
+
+    Costs one val batch (fit's own sanity pass repeats it). A val batch the model cannot take is left
+    to fit, which reports it; so are the train_ monitors and the plateau scheduler's.
+    """
+    from adaptrain.core.preflight import check_monitors, writes_records
+
+    watched = [(f"callbacks.{i}.init_args.monitor", cb.monitor) for i, cb in enumerate(callbacks)
+               if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith("val_")]
+    if not watched or any(writes_records(cb) for cb in trainer.callbacks):
+        return  # a callback of the user's may add the value to the record itself
+    if loaders.val is None:
+        key, name = watched[0]
+        raise ConfigError(key, f'is "{name}", but data.class_path gives no val loader; monitor a train_ value, '
+                          "or give the data a validation split.")
+    if isinstance(loaders.val, Iterator):
+        return  # a one-pass iterator: reading a batch here would take it from training
+    try:
+        results = trainer.test(itertools.islice(loaders.val, 1))
+    except Exception:  # noqa: BLE001 - fit's sanity pass reports a val batch the model cannot take
+        return
+    check_monitors(watched, [f"val_{key[len('test_'):]}" for key in results])
 
 
 def _expect(obj: Any, cls: type, key: str, what: str) -> None:
