@@ -1,36 +1,150 @@
-"""Accuracy of learning-curve forecasts on real adaptrain curves (benchmarks/data/learning_curves.json).
+"""Accuracy of ``adaptrain.forecast`` on real learning curves, against two baselines.
 
-For every curve, show the first 25% / 50% of the epochs and forecast the final epoch's val_acc with
-  - single power law: one ``a - b*x^-c`` least-squares fit on all seen points (bounded, clipped
-    to [0, 1]), blind to the learning-rate schedule: the approach adaptrain started from;
-  - last value: the last seen value, as a naive reference;
-  - adaptrain: ``adaptrain.forecast`` (ensemble, schedule-aware through the seen lrs).
-When ``forecast`` refuses (ForecastError), its error counts as the last value's, and the count is
-reported. Coverage: how often the 90% interval contains the true final value.
+Two sets:
+
+1. **Public curves** (``../shared/curves`` next to the repository: 23 runs from public
+   repositories, epoch- and step-indexed; ``SOURCES.md`` there). Predict each curve's last value
+   from its first k = max(3, round(f*n)) points, f = 25% and 50%; error = |prediction - truth| /
+   (max - min of the whole curve). ``mode`` is "min" for names ending in ``loss``; the ``.lr.csv``
+   schedules are passed as ``lrs`` (seen points only). Baselines: the least-squares power law
+   ``a - b*x^-c`` of ``powerlaw_baseline.py`` (imported from that folder, so the figures are its
+   figures) and "repeat the last value seen". The interval multipliers
+   (``adaptrain.tuning.forecasting.RULE``) were chosen on the *tune* split (two thirds: every
+   curve whose index in name order is not 2 mod 3); the *held-out* third is reported apart.
+2. **Project curves** (``benchmarks/data/learning_curves.json``): 34 val_acc curves made with
+   adaptrain (MNIST-1D, digits; constant, step and cosine schedules), 60 epochs; the final val_acc
+   is forecast from the first 25% / 50% of epochs; error in accuracy units.
+
+A refused forecast (ForecastError) counts as the last seen value in the error and is left out of
+coverage and width. Coverage: share of 90% intervals containing the truth; width: mean
+(high - low) in the same normalized units as the error.
 
 Usage:
-    python benchmarks/forecast.py [--data benchmarks/data/learning_curves.json] [--out benchmarks/forecast_results.md]
+    python benchmarks/forecast.py [--curves DIR] [--out benchmarks/forecast_results.md] [--tune]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
+import os
+import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from adaptrain.tuning.forecasting import ForecastError, forecast
+from adaptrain.tuning.forecasting import RULE, ForecastError, IntervalRule, forecast
 
+HERE = Path(__file__).resolve().parent
+CURVES = HERE.parents[1] / "shared" / "curves"  # /work/main/benchmarks -> /work/shared/curves
 FRACTIONS = (0.25, 0.5)
-LEVEL = 0.9
+
+
+def load_public(folder: Path) -> list[dict]:
+    """The public curves: name, x, y, lrs (or None), mode; a clear error when the folder is absent."""
+    files = sorted(p for p in folder.glob("*.csv") if not p.name.endswith(".lr.csv"))
+    if not files:
+        sys.exit(f"benchmarks/forecast.py: no curves in {folder} (expected <name>.csv files with header epoch,value, "
+                 f"as in ../shared/curves next to the repository); pass --curves DIR.")
+    curves = []
+    for path in files:
+        data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        lr_path = path.with_name(path.stem + ".lr.csv")
+        lrs = np.loadtxt(lr_path, delimiter=",", skiprows=1, ndmin=2)[:, 1] if lr_path.exists() else None
+        curves.append({"name": path.stem, "x": data[:, 0], "y": data[:, 1], "lrs": lrs,
+                       "mode": "min" if path.stem.endswith("loss") else "max"})
+    return curves
+
+
+def held_out(names: list[str]) -> set[str]:
+    """Every third curve in name order: fixed before tuning, by position, not by how it looks."""
+    return {n for i, n in enumerate(sorted(names)) if i % 3 == 2}
+
+
+def powerlaw_module(folder: Path):
+    spec = importlib.util.spec_from_file_location("powerlaw_baseline", folder / "powerlaw_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluate_public(curves: list[dict], baseline, rule: IntervalRule = RULE) -> list[dict]:
+    """One row per (curve, fraction): normalized errors of each method, the interval, the refusal."""
+    rows = []
+    for frac in FRACTIONS:
+        for c in curves:
+            x, y, n = c["x"], c["y"], len(c["y"])
+            k = max(3, round(frac * n))
+            span, truth = float(np.ptp(y)), float(y[-1])
+            a, b, cc = baseline.fit_powerlaw(x[:k], y[:k])
+            row = {"name": c["name"], "frac": frac, "truth": truth, "span": span,
+                   "power_law": abs(a - b * x[-1] ** -cc - truth) / span, "last": abs(y[k - 1] - truth) / span}
+            try:
+                fc = forecast(x[:k], y[:k], at=float(x[-1]), mode=c["mode"], metric=c["name"], rule=rule,
+                              lrs=None if c["lrs"] is None else c["lrs"][:k])
+                row.update(ensemble=abs(fc.value - truth) / span, covered=fc.low <= truth <= fc.high,
+                           width=(fc.high - fc.low) / span, reliable=fc.reliable, refused=None,
+                           value=fc.value, low=fc.low, high=fc.high)
+            except ForecastError as error:
+                row.update(ensemble=row["last"], covered=None, width=None, reliable=False, refused=str(error))
+            rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict[str, float]:
+    issued = [r for r in rows if r["refused"] is None]
+    out = {m: float(np.mean([r[m] for r in rows])) for m in ("power_law", "last", "ensemble")}
+    out["coverage"] = float(np.mean([r["covered"] for r in issued])) if issued else float("nan")
+    out["width"] = float(np.mean([r["width"] for r in issued])) if issued else float("nan")
+    out["ratio"] = out["width"] / out["ensemble"]
+    out["refused"], out["n"] = len(rows) - len(issued), len(rows)
+    out["reliable"] = sum(bool(r["reliable"]) for r in rows)
+    return out
+
+
+def public_report(rows: list[dict], seconds: float, folder: Path) -> list[str]:
+    hold = held_out(sorted({r["name"] for r in rows}))
+    shown = os.path.relpath(folder, HERE.parent)
+    lines = [f"Public curves ({shown}, {len({r['name'] for r in rows})} curves; held out from tuning: "
+             f"{', '.join(sorted(hold))}).",
+             "Mean normalized error of the last value; 'vs better baseline' compares with the better of the power law",
+             "and the last value on the same curves; width / error = mean width / mean adaptrain error.", "",
+             "| curves | seen | power law | last value | adaptrain | vs better baseline | 90% coverage "
+             "| mean width | width / error | refused | reliable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, keep in (("all", lambda n: True), ("tune", lambda n: n not in hold), ("held-out", lambda n: n in hold)):
+        for frac in FRACTIONS:
+            m = summary([r for r in rows if r["frac"] == frac and keep(r["name"])])
+            better = min(m["power_law"], m["last"])
+            lines.append(f"| {label} | {frac:.0%} | {m['power_law']:.3f} | {m['last']:.3f} | **{m['ensemble']:.3f}** | "
+                         f"{m['ensemble'] / better - 1:+.0%} | {m['coverage']:.0%} | {m['width']:.3f} | "
+                         f"{m['ratio']:.2f} | {m['refused']}/{m['n']} | {m['reliable']}/{m['n']} |")
+    lines.append("")
+    for frac in FRACTIONS:
+        firm = [r for r in rows if r["frac"] == frac and r["reliable"]]
+        if firm:
+            lines.append(f"Reliable forecasts only, {frac:.0%} seen: {len(firm)} curves, error {np.mean([r['ensemble'] for r in firm]):.3f}"
+                         f" (last value {np.mean([r['last'] for r in firm]):.3f}), coverage "
+                         f"{np.mean([r['covered'] for r in firm]):.0%}, mean width {np.mean([r['width'] for r in firm]):.3f}")
+    lines += ["", "Per curve (normalized error: power law / last value / adaptrain; interval; * = held out):", ""]
+    for frac in FRACTIONS:
+        lines.append(f"seen {frac:.0%}:")
+        for r in (r for r in rows if r["frac"] == frac):
+            band = (f"[{r['low']:.4g}, {r['high']:.4g}] {'in ' if r['covered'] else 'OUT'} width {r['width']:.3f}"
+                    f"{'' if r['reliable'] else ' (unreliable)'}" if r["refused"] is None else f"refused: {r['refused']}")
+            lines.append(f"  {'*' if r['name'] in hold else ' '}{r['name']:<34} {r['power_law']:.3f} / {r['last']:.3f} / "
+                         f"{r['ensemble']:.3f}  truth {r['truth']:.4g}  {band}")
+    lines += ["", f"(forecasts took {seconds:.1f} s)"]
+    return lines
 
 
 def single_power_law(epochs: np.ndarray, values: np.ndarray, at: float) -> float:
-    """The baseline: one bounded power-law fit, extrapolated to ``at``; the last value if it fails."""
+    """The project-curve baseline: one bounded power-law curve_fit, clipped to [0, 1]; the last value if it fails."""
     def power_law(x, a, b, c):
         return a - b * x ** -c
 
@@ -44,101 +158,83 @@ def single_power_law(epochs: np.ndarray, values: np.ndarray, at: float) -> float
         return float(values[-1])
 
 
-def evaluate(curves: list[dict], metric: str = "val_acc") -> list[dict]:
-    """One row per (curve, fraction seen): truth, each method's forecast, the interval or the refusal."""
-    rows = []
+def project_report(path: Path) -> list[str]:
+    curves = json.loads(path.read_text())["curves"]
+    lines = [f"Project curves ({path.name}, {len(curves)} curves): final val_acc (epoch 60); "
+             f"mean absolute error in accuracy units.", "",
+             "| seen | single power law | last value | adaptrain | 90% coverage | mean width | refused | reliable |",
+             "|---|---|---|---|---|---|---|---|"]
     for frac in FRACTIONS:
+        errs, cover, widths, refused, reliable = {"power_law": [], "last": [], "ensemble": []}, [], [], 0, 0
         for c in curves:
-            epochs, values, lrs = np.array(c["epochs"], float), np.array(c[metric], float), c["lr"]
+            epochs, values = np.array(c["epochs"], float), np.array(c["val_acc"], float)
             seen = int(round(frac * len(epochs)))
-            at, truth = epochs[-1], values[-1]
-            x, y = epochs[:seen], values[:seen]
-            row = {"name": c["name"], "seed": c.get("seed", 0), "frac": frac, "truth": truth, "last": y[-1],
-                   "power_law": single_power_law(x, y, at)}
+            x, y, truth = epochs[:seen], values[:seen], values[-1]
+            errs["power_law"].append(abs(single_power_law(x, y, epochs[-1]) - truth))
+            errs["last"].append(abs(y[-1] - truth))
             try:
-                fc = forecast(x, y, at=at, mode="max", lrs=lrs[:seen], level=LEVEL, limits=(0.0, 1.0), metric=metric)
-                row.update(ensemble=fc.value, low=fc.low, high=fc.high, refused=None)
-            except ForecastError as error:
-                row.update(ensemble=y[-1], low=None, high=None, refused=str(error))
-            if c.get("schedule") == "step":  # ablation: the same forecast, blind to the lr drops
-                try:
-                    row["blind"] = forecast(x, y, at=at, mode="max", level=LEVEL, limits=(0.0, 1.0)).value
-                except ForecastError:
-                    row["blind"] = y[-1]
-            rows.append(row)
-    return rows
+                fc = forecast(x, y, at=epochs[-1], mode="max", lrs=c["lr"][:seen], limits=(0.0, 1.0),
+                              metric="val_acc", unit="epoch")
+                errs["ensemble"].append(abs(fc.value - truth))
+                cover.append(fc.low <= truth <= fc.high)
+                widths.append(fc.high - fc.low)
+                reliable += fc.reliable
+            except ForecastError:
+                errs["ensemble"].append(abs(y[-1] - truth))
+                refused += 1
+        e = {k: float(np.mean(v)) for k, v in errs.items()}
+        lines.append(f"| {frac:.0%} | {e['power_law']:.4f} | {e['last']:.4f} | **{e['ensemble']:.4f}** | "
+                     f"{np.mean(cover):.0%} | {np.mean(widths):.3f} | {refused}/{len(curves)} | {reliable}/{len(curves)} |")
+    return lines
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
-    """MAE of each method over all rows (a refusal counts as the last value), over issued forecasts, coverage."""
-    issued = [r for r in rows if r["refused"] is None]
-
-    def mae(method: str, subset: list[dict]) -> float:
-        return float(np.mean([abs(r[method] - r["truth"]) for r in subset])) if subset else float("nan")
-
-    out = {f"{m}": mae(m, rows) for m in ("power_law", "last", "ensemble")}
-    out.update({f"{m}_issued": mae(m, issued) for m in ("power_law", "ensemble")})
-    out["coverage"] = float(np.mean([r["low"] <= r["truth"] <= r["high"] for r in issued])) if issued else float("nan")
-    out["width"] = float(np.mean([r["high"] - r["low"] for r in issued])) if issued else float("nan")
-    out["issued"], out["n"] = len(issued), len(rows)
-    return out
+TUNE_GRID = {"up_noise": (1.0, 3.0), "down_noise": (1.0, 2.0), "up_slope": (2.0, 3.0), "damping": (0.5, 1.0),
+             "floor": (0.0, 0.1), "noise_floor": (0.0, 4.0)}
 
 
-def report(rows: list[dict], seconds: float) -> str:
-    seeds = sorted({r["seed"] for r in rows})
-    n_curves = len({(r["name"], r["seed"]) for r in rows})
-    lines = [
-        f"Forecast of the final val_acc (epoch 60) from the first 25% / 50% of {n_curves} real curves "
-        f"(benchmarks/data/learning_curves.json, seeds {seeds}); mean absolute error (MAE) in accuracy (0-1 scale).",
-        "All: every curve; a refused forecast (ForecastError) counts as the last seen value. Issued: only the",
-        "curves where adaptrain issued a forecast, for both methods. Coverage: share of issued 90% intervals",
-        "that contain the true final value. adaptrain.tuning.forecasting.HORIZON_WIDEN (interval width) was set on seed 0;",
-        "the seed-1 curves came later as a check (also seen while choosing the 1/error family weights: a soft holdout).",
-        "",
-        "| curves | seen | single power law MAE (all / issued) | adaptrain ensemble MAE (all / issued) | last value MAE "
-        "| 90% interval coverage | mean width | issued |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for label, group in [(f"seed {s}", [r for r in rows if r["seed"] == s]) for s in seeds] + [("all", rows)]:
-        for frac in FRACTIONS:
-            m = summarize([r for r in group if r["frac"] == frac])
-            lines.append(f"| {label} | {frac:.0%} | {m['power_law']:.4f} / {m['power_law_issued']:.4f} | "
-                         f"{m['ensemble']:.4f} / {m['ensemble_issued']:.4f} | {m['last']:.4f} | "
-                         f"{m['coverage']:.0%} | {m['width']:.3f} | {m['issued']}/{m['n']} |")
-    lines += ["", "Schedule awareness, on the step-schedule curves (lr x0.1 at epochs 21 and 41):", ""]
-    for frac in FRACTIONS:
-        step = [r for r in rows if r["frac"] == frac and "blind" in r]
-        errors = {m: np.mean([abs(r[m] - r["truth"]) for r in step]) for m in ("ensemble", "blind", "power_law")}
-        lines.append(f"    seen {frac:.0%} ({len(step)} curves): MAE with lrs {errors['ensemble']:.4f}, same ensemble "
-                     f"without lrs {errors['blind']:.4f}, single power law {errors['power_law']:.4f}")
-    lines += ["", "Per curve (truth, single power law, ensemble [90% interval]):", ""]
-    for frac in FRACTIONS:
-        lines.append(f"seen {frac:.0%}:")
-        for row in (r for r in rows if r["frac"] == frac):
-            band = f"[{row['low']:.3f}, {row['high']:.3f}]" if row["refused"] is None else f"refused: {row['refused']}"
-            lines.append(f"    {row['name']:<28} s{row['seed']}  truth {row['truth']:.3f}  power law {row['power_law']:.3f}"
-                         f"  ensemble {row['ensemble']:.3f} {band}")
-    lines += ["", f"(forecasts took {seconds:.1f} s in all)"]
-    return "\n".join(lines)
+def tune(curves: list[dict], baseline) -> None:
+    """Grid over the interval multipliers, scored on the tune split only; prints the ranking.
+
+    Order: highest coverage at the worse cut, then at both, then the smaller worst width/error,
+    among rules whose width/error stays at most 3 at both cuts (the goal). 16 curves give coverage
+    in steps of 6%, so the top is often a tie broken by width.
+    """
+    tuning = [c for c in curves if c["name"] not in held_out([c["name"] for c in curves])]
+    results = []
+    for values in itertools.product(*TUNE_GRID.values()):
+        rule = replace(RULE, **dict(zip(TUNE_GRID, values)))
+        rows = evaluate_public(tuning, baseline, rule)
+        ms = [summary([r for r in rows if r["frac"] == f]) for f in FRACTIONS]
+        cover, ratio = [m["coverage"] for m in ms], [m["ratio"] for m in ms]
+        results.append(((-min(cover), -sum(cover), max(ratio)), rule, cover, ratio))
+        print(f"{dict(zip(TUNE_GRID, values))}: coverage {[round(c, 2) for c in cover]}, "
+              f"width/error {[round(r, 2) for r in ratio]}", flush=True)
+    ranked = sorted((r for r in results if r[0][2] <= 3.0), key=lambda r: r[0])
+    print("\nbest on the tune split (the default is adaptrain.tuning.forecasting.RULE):")
+    for _, rule, cover, ratio in ranked[:5]:
+        print(f"  {rule}  coverage {[round(c, 2) for c in cover]}  width/error {[round(r, 2) for r in ratio]}"
+              f"{'  <- RULE' if rule == RULE else ''}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = Path(__file__).parent
-    parser.add_argument("--data", default=str(here / "data" / "learning_curves.json"))
-    parser.add_argument("--out", default=str(here / "forecast_results.md"))
+    parser.add_argument("--curves", default=str(CURVES), help="folder of public curves (default ../shared/curves)")
+    parser.add_argument("--project", default=str(HERE / "data" / "learning_curves.json"))
+    parser.add_argument("--out", default=str(HERE / "forecast_results.md"))
+    parser.add_argument("--tune", action="store_true", help="grid over the interval multipliers on the tune split")
     args = parser.parse_args()
-    curves = json.loads(Path(args.data).read_text())["curves"]
+    folder = Path(args.curves)
+    curves = load_public(folder)
+    baseline = powerlaw_module(folder)
+    if args.tune:
+        tune(curves, baseline)
+        return
     start = time.perf_counter()
-    rows = evaluate(curves)
-    text = report(rows, time.perf_counter() - start)
+    rows = evaluate_public(curves, baseline)
+    text = "\n".join(public_report(rows, time.perf_counter() - start, folder) + [""] + project_report(Path(args.project)))
     print(text)
-    Path(args.out).write_text("# Learning-curve forecast benchmark\n\n"
-                              "Generated by `python benchmarks/forecast.py`.\n\n```\n" + text + "\n```\n")
-    for frac in FRACTIONS:
-        m = summarize([r for r in rows if r["frac"] == frac])
-        if m["ensemble"] >= m["power_law"]:
-            print(f"WARNING: at {frac:.0%} seen the ensemble does not beat the single power law")
+    Path(args.out).write_text("# Learning-curve forecast benchmark\n\nGenerated by `python benchmarks/forecast.py`.\n\n"
+                              "```\n" + text + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def test_cli_forecasts_a_onecycle_history(onecycle_history, metric, capsys, tmp_
     assert code == 0, err
     assert out.startswith(f"{metric} at epoch {2 * EPOCHS}: ") and f"fitted on epochs 1-{EPOCHS}" in out
     assert "dropped" not in out and plot.stat().st_size > 10_000
+    assert "unreliable: the learning rate has annealed" in out  # asked past the end of its schedule
     value = float(out.split(": ", 1)[1].split()[0])
     last = float(History.from_csv(onecycle_history).records[-1][metric])
     assert abs(value - last) < 0.5 * max(last, 0.1)  # the annealed run has flattened: near its last value

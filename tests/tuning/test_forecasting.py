@@ -327,3 +327,20 @@ def test_a_flat_noisy_curve_is_forecast_near_its_level():
     values = np.concatenate([0.2 + 0.6 * (1 - np.exp(-np.arange(1, 11) / 2)), 0.79 + rng.normal(0, 0.01, 30)])
     fc = forecast(np.arange(1, 41), values, at=160)
     assert abs(fc.value - 0.79) < 0.02 and fc.low <= 0.79 <= fc.high
+
+
+def test_a_forecast_past_an_annealed_schedule_is_flagged_unreliable():
+    epochs = np.arange(1, 51)
+    fc = forecast(epochs, power_law(epochs), at=100, lrs=onecycle_lrs(50), unit="epoch")
+    assert not fc.reliable and any("annealed to 4e-06 of its peak" in r for r in fc.reasons)
+    mid_run = forecast(epochs[:30], power_law(epochs[:30]), at=50, lrs=onecycle_lrs(50)[:30])
+    assert mid_run.reliable  # the lr is still 55% of its peak: a forecast within the schedule
+
+
+def test_history_file_losses_are_clipped_at_zero(tmp_path):
+    # A loss still falling steeply: the shapes' optimistic end would cross zero.
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,val_loss\n" + "".join(f"{e},{1.2 - 0.35 * math.log(e):.5f}\n" for e in range(1, 21)))
+    fc = forecast_history_file(path, "val_loss", at=200)
+    assert fc.low >= 0.0 and fc.value >= 0.0
+    assert forecast(np.arange(1, 21), [1.2 - 0.35 * math.log(e) for e in range(1, 21)], at=200, mode="min").low < 0

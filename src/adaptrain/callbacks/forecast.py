@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from adaptrain.core.callback import Callback
 from adaptrain.callbacks.early_stopping import missing_monitor_error
-from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
+from adaptrain.tuning.forecasting import Forecast, ForecastError, default_limits, forecast
 
 if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
@@ -93,9 +93,7 @@ class ForecastCallback(Callback):
             return
         values = [float(r[self.monitor]) for r in points]
         lrs = [r.get("lr") for r in points]
-        limits = self.limits
-        if limits is None and "acc" in self.monitor.lower() and all(0 <= v <= 1 for v in values):
-            limits = (0.0, 1.0)
+        limits = self.limits if self.limits is not None else default_limits(self.monitor, values)
         try:
             fc = forecast([r["epoch"] for r in points], values, at=at, mode=self.mode, level=self.level,
                           lrs=lrs if self.use_lr and all(_finite(lr) for lr in lrs) else None,

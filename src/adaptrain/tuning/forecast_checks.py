@@ -129,6 +129,9 @@ def prepare(epochs: Sequence[float], values: Sequence[float], at: float, mode: s
         else:
             reasons.append(f"{change}, {len(x) - drop} point(s) ago: the fit spans the drop until "
                            f"{min_points} points follow it")
+    if lr is not None and np.all(np.isfinite(lr)) and lr.max() > 0 and lr[-1] <= 0.01 * lr.max() and at > x[-1]:
+        reasons.append(f"the learning rate has annealed to {lr[-1] / lr.max():.2g} of its peak: past the end of this "
+                       f"schedule the curve follows whatever schedule comes next")
     if at < x[start]:
         raise ForecastError(f"{where(unit, at)} lies before the fitted segment (from {where(unit, x[start])}).")
     return x, y, start, notes, reasons

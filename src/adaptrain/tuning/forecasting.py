@@ -48,7 +48,7 @@ from adaptrain.tuning.forecast_checks import (ForecastError, last_lr_drop, mann_
                                               where)
 
 __all__ = ["Forecast", "ForecastError", "FamilyFit", "IntervalRule", "FAMILIES", "forecast",
-           "forecast_history_file", "last_lr_drop", "mann_kendall_z"]
+           "forecast_history_file", "default_limits", "last_lr_drop", "mann_kendall_z"]
 
 FAMILIES = MEMBERS  # the candidate curves by name (kept under the old name)
 BACKTEST_ORIGINS = (0.4, 0.55, 0.7, 0.85)  # shares of the seen points each candidate is refitted on
@@ -306,12 +306,31 @@ def _band(u: np.ndarray, z: np.ndarray, value: np.ndarray, grid: np.ndarray, sig
     return low, high
 
 
+def default_limits(metric: str, values: Sequence[float]) -> tuple[float | None, float | None] | None:
+    """Limits a metric cannot pass, guessed from its name: (0, 1) for accuracies seen in [0, 1],
+    (0, None) for losses never seen below 0, else None.
+
+    Example:
+        >>> default_limits("val_acc", [0.5, 0.9]), default_limits("val_loss", [2.0, 0.3]), default_limits("val_acc", [50.0])
+        ((0.0, 1.0), (0.0, None), None)
+    """
+    seen = [float(v) for v in values if math.isfinite(float(v))]
+    if not seen:
+        return None
+    if "acc" in metric.lower() and 0 <= min(seen) and max(seen) <= 1:
+        return (0.0, 1.0)
+    if "loss" in metric.lower() and min(seen) >= 0:
+        return (0.0, None)
+    return None
+
+
 def forecast_history_file(path: str | Path, metric: str, at: float, mode: str | None = None,
                           plot: str | Path | None = None) -> Forecast:
     """Forecast ``metric`` from a run's ``history.csv`` (columns ``epoch``, the metric, optional ``lr``).
 
     ``mode`` defaults to "min" for names containing "loss", else "max"; accuracies in [0, 1] are
-    clipped to that range. Rows with an empty metric cell are skipped. Writes ``plot`` if given.
+    clipped to that range, losses that are never negative at 0 (:func:`default_limits`). Rows with
+    an empty metric cell are skipped. Writes ``plot`` if given.
 
     Example:
         >>> fc = forecast_history_file("runs/mnist1d/history.csv", "val_acc", at=50)  # doctest: +SKIP
@@ -329,8 +348,8 @@ def forecast_history_file(path: str | Path, metric: str, at: float, mode: str | 
     except ValueError as error:
         raise ValueError(f"{path}: a cell of epoch, {metric} or lr is not a number ({error}).") from None
     mode = mode or ("min" if "loss" in metric.lower() else "max")
-    limits = (0.0, 1.0) if "acc" in metric.lower() and values and 0 <= min(values) and max(values) <= 1 else None
-    fc = forecast(epochs, values, at=at, mode=mode, lrs=lrs, limits=limits, metric=metric, unit="epoch")
+    fc = forecast(epochs, values, at=at, mode=mode, lrs=lrs, limits=default_limits(metric, values), metric=metric,
+                  unit="epoch")
     if plot is not None:
         fc.plot(plot)
     return fc
