@@ -185,6 +185,16 @@ def project_report(path: Path) -> list[str]:
         e = {k: float(np.mean(v)) for k, v in errs.items()}
         lines.append(f"| {frac:.0%} | {e['power_law']:.4f} | {e['last']:.4f} | **{e['ensemble']:.4f}** | "
                      f"{np.mean(cover):.0%} | {np.mean(widths):.3f} | {refused}/{len(curves)} | {reliable}/{len(curves)} |")
+    lines += ["", "Schedule awareness, step-schedule curves (lr x0.1 at epochs 21 and 41), 50% seen: MAE"]
+    step = [c for c in curves if c.get("schedule") == "step"]
+    for label, use in (("with lrs", True), ("without lrs", False)):
+        errors = []
+        for c in step:
+            seen = len(c["epochs"]) // 2
+            fc = forecast(c["epochs"][:seen], c["val_acc"][:seen], at=c["epochs"][-1], lrs=c["lr"][:seen] if use else None,
+                          limits=(0.0, 1.0))
+            errors.append(abs(fc.value - c["val_acc"][-1]))
+        lines.append(f"    {label}: {np.mean(errors):.4f} ({len(step)} curves)")
     return lines
 
 
