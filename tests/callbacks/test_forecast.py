@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adaptrain import ConfigError, Trainer
 from adaptrain.callbacks.forecast import ForecastCallback, hopeless
-from adaptrain.tuning.forecasting import Forecast
 from adaptrain.core.history import History
+from adaptrain.tuning.forecasting import Forecast
 
 
 def noisy_classification(n: int = 600, features: int = 20, classes: int = 4, noise: float = 0.3):

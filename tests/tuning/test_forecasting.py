@@ -10,8 +10,15 @@ import pytest
 
 import adaptrain.tuning.forecasting as fmod
 from adaptrain.tuning.curve_fits import Member, MemberFit
-from adaptrain.tuning.forecasting import (FAMILIES, Forecast, ForecastError, forecast, forecast_history_file,
-                                          last_lr_drop, mann_kendall_z)
+from adaptrain.tuning.forecasting import (
+    FAMILIES,
+    Forecast,
+    ForecastError,
+    forecast,
+    forecast_history_file,
+    last_lr_drop,
+    mann_kendall_z,
+)
 
 EPOCHS = np.arange(1, 21)
 

@@ -6,8 +6,8 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.core.callback import Callback
 from adaptrain.callbacks.early_stopping import missing_monitor_error
+from adaptrain.core.callback import Callback
 from adaptrain.tuning.forecasting import Forecast, ForecastError, default_limits, forecast
 
 if TYPE_CHECKING:
@@ -26,10 +26,11 @@ def hopeless(fc: Forecast, stop_if_below: float | None = None, stop_if_above: fl
         >>> hopeless(fc, stop_if_below=0.65) is None
         True
     """
+    end = f"even the optimistic end of the {fc.level:.0%} interval, {fc.optimistic:.4g},"
     if stop_if_below is not None and fc.mode == "max" and fc.optimistic < stop_if_below:
-        return f"even the optimistic end of the {fc.level:.0%} interval, {fc.optimistic:.4g}, is below the target {stop_if_below:g}"
+        return f"{end} is below the target {stop_if_below:g}"
     if stop_if_above is not None and fc.mode == "min" and fc.optimistic > stop_if_above:
-        return f"even the optimistic end of the {fc.level:.0%} interval, {fc.optimistic:.4g}, is above the target {stop_if_above:g}"
+        return f"{end} is above the target {stop_if_above:g}"
     return None
 
 
@@ -80,7 +81,7 @@ class ForecastCallback(Callback):
         self.last: Forecast | None = None  # the latest forecast, with its families and curves
         self.last_error: str | None = None  # why the latest epoch got no forecast
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         state = trainer.state
         record = state.history.records[-1]
         if record.get(self.monitor) is None:

@@ -8,7 +8,7 @@ points, a constant metric, a diverged last value, or a curve that clearly moves 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -59,8 +59,10 @@ def mann_kendall_z(values: np.ndarray) -> float:
     """Mann-Kendall trend statistic: about N(0, 1) without a trend, positive when ``values`` rise.
 
     Example:
-        >>> round(mann_kendall_z(np.array([1.0, 2, 3, 4, 5, 6])), 2), round(mann_kendall_z(np.array([3.0, 1, 2, 1, 3])), 2)
-        (2.63, 0.0)
+        >>> round(mann_kendall_z(np.array([1.0, 2, 3, 4, 5, 6])), 2)
+        2.63
+        >>> round(mann_kendall_z(np.array([3.0, 1, 2, 1, 3])), 2)
+        0.0
     """
     values = np.asarray(values, float)
     if len(values) > 400:  # O(n^2) pairs: thin long curves evenly
@@ -78,11 +80,34 @@ def wrong_way(oriented: np.ndarray) -> bool:
     back (an overfitting loss, a long noisy decline after a fast rise) is still a curve to forecast.
 
     Example:
-        >>> wrong_way(np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5])), wrong_way(np.array([0.1, 0.5, 0.6, 0.55, 0.5, 0.45]))
-        (True, False)
+        >>> wrong_way(np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5]))
+        True
+        >>> wrong_way(np.array([0.1, 0.5, 0.6, 0.55, 0.5, 0.45]))  # rose, then slid back: still a curve
+        False
     """
     start = float(np.median(oriented[:max(2, len(oriented) // 10)]))
     return float(np.mean(oriented[-max(2, len(oriented) // 4):])) < start and mann_kendall_z(oriented) < -1.96
+
+
+def _schedule(x: np.ndarray, lr: np.ndarray | None, at: float, min_points: int, unit: str,
+              notes: list[str]) -> tuple[int, list[str]]:
+    """Where the fitted segment starts (after the last lr drop, if enough points follow it) and the
+    reasons the lrs give to doubt the forecast; notes the drop it uses."""
+    if lr is None or not np.all(np.isfinite(lr)):
+        return 0, []
+    start, reasons = 0, []
+    if (drop := last_lr_drop(lr)) is not None:
+        change = f"the learning rate dropped at {where(unit, x[drop])} ({lr[drop - 1]:.3g} -> {lr[drop]:.3g})"
+        if len(x) - drop >= min_points:
+            start = drop
+            notes.append(f"{change}; fitting the {len(x) - drop} points since")
+        else:
+            reasons.append(f"{change}, {len(x) - drop} point(s) ago: the fit spans the drop until "
+                           f"{min_points} points follow it")
+    if lr.max() > 0 and lr[-1] <= 0.01 * lr.max() and at > x[-1]:
+        reasons.append(f"the learning rate has annealed to {lr[-1] / lr.max():.2g} of its peak: past the end of this "
+                       f"schedule the curve follows whatever schedule comes next")
+    return start, reasons
 
 
 def prepare(epochs: Sequence[float], values: Sequence[float], at: float, mode: str, lrs: Sequence[float] | None,
@@ -119,19 +144,8 @@ def prepare(epochs: Sequence[float], values: Sequence[float], at: float, mode: s
         raise ForecastError(f"{metric} moves the wrong way ({y[0]:.4g} -> {y[-1]:.4g}) while mode={mode!r} expects "
                             f"it to {better}; pass mode={'min' if mode == 'max' else 'max'!r} if that is the better "
                             f"direction.")
-    start, reasons = 0, []
     lr = None if lrs is None else np.asarray(lrs, float)[keep]
-    if lr is not None and np.all(np.isfinite(lr)) and (drop := last_lr_drop(lr)) is not None:
-        change = f"the learning rate dropped at {where(unit, x[drop])} ({lr[drop - 1]:.3g} -> {lr[drop]:.3g})"
-        if len(x) - drop >= min_points:
-            start = drop
-            notes.append(f"{change}; fitting the {len(x) - drop} points since")
-        else:
-            reasons.append(f"{change}, {len(x) - drop} point(s) ago: the fit spans the drop until "
-                           f"{min_points} points follow it")
-    if lr is not None and np.all(np.isfinite(lr)) and lr.max() > 0 and lr[-1] <= 0.01 * lr.max() and at > x[-1]:
-        reasons.append(f"the learning rate has annealed to {lr[-1] / lr.max():.2g} of its peak: past the end of this "
-                       f"schedule the curve follows whatever schedule comes next")
+    start, reasons = _schedule(x, lr, at, min_points, unit, notes)
     if at < x[start]:
         raise ForecastError(f"{where(unit, at)} lies before the fitted segment (from {where(unit, x[start])}).")
     return x, y, start, notes, reasons

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from adaptrain.tuning.forecasting import Forecast
 
 
-def plot_forecast(fc: "Forecast", path: str | Path, truth: Any = None) -> Path:
+def plot_forecast(fc: Forecast, path: str | Path, truth: Any = None) -> Path:
     """Write ``fc`` as a PNG at ``path`` (folders created); see :meth:`Forecast.plot`.
 
     ``truth``: the real value at ``fc.at`` (a number) or the points after the forecast, ``(xs, values)``.

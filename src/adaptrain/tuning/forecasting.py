@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from adaptrain.tuning.curve_fits import MEMBERS, MemberFit, noise_sd, theil_sen
-from adaptrain.tuning.forecast_checks import (ForecastError, last_lr_drop, mann_kendall_z, prepare,
-                                              where)
+from adaptrain.tuning.forecast_checks import ForecastError, last_lr_drop, mann_kendall_z, prepare, where
 
 __all__ = ["Forecast", "ForecastError", "FamilyFit", "IntervalRule", "FAMILIES", "forecast",
            "forecast_history_file", "default_limits", "last_lr_drop", "mann_kendall_z"]
@@ -311,8 +311,10 @@ def default_limits(metric: str, values: Sequence[float]) -> tuple[float | None, 
     (0, None) for losses never seen below 0, else None.
 
     Example:
-        >>> default_limits("val_acc", [0.5, 0.9]), default_limits("val_loss", [2.0, 0.3]), default_limits("val_acc", [50.0])
-        ((0.0, 1.0), (0.0, None), None)
+        >>> default_limits("val_acc", [0.5, 0.9]), default_limits("val_loss", [2.0, 0.3])
+        ((0.0, 1.0), (0.0, None))
+        >>> default_limits("val_acc", [50.0, 91.5]) is None  # a percentage: no known limit
+        True
     """
     seen = [float(v) for v in values if math.isfinite(float(v))]
     if not seen:
