@@ -351,3 +351,10 @@ def test_history_file_losses_are_clipped_at_zero(tmp_path):
     fc = forecast_history_file(path, "val_loss", at=200)
     assert fc.low >= 0.0 and fc.value >= 0.0
     assert forecast(np.arange(1, 21), [1.2 - 0.35 * math.log(e) for e in range(1, 21)], at=200, mode="min").low < 0
+
+
+def test_a_forecast_inside_the_seen_range_has_a_finite_interval():
+    noisy = power_law(EPOCHS) + np.random.default_rng(4).normal(0, 0.01, len(EPOCHS))
+    fc = forecast(EPOCHS, noisy, at=15)
+    assert np.isfinite([fc.value, fc.low, fc.high]).all() and fc.low <= fc.value <= fc.high
+    assert abs(fc.value - power_law(15)) < 0.03

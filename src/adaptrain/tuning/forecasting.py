@@ -14,15 +14,17 @@ How (``adaptrain/tuning/curve_fits.py`` has the candidate curves):
    with errors below the noise (or 2% of the range) counted as a tie.
 4. The interval runs between two scenarios: pessimistic, the curve stalls now (recent level, or
    continues a recent decline) minus the noise; optimistic, it keeps its recent slope (plus its
-   standard error) decaying like a power law with exponent 1, plus the noise. The multipliers
-   were chosen on two thirds of 23 public learning curves and checked on the rest
-   (``benchmarks/forecast.py``; figures in ``benchmarks/README.md``).
+   standard errors) decaying like a power law with exponent 0.5, and at least a floor above the
+   forecast that grows with the log of the horizon, plus the noise (:class:`IntervalRule`). The
+   multipliers were chosen on two thirds of 23 public learning curves and checked on the rest
+   (``benchmarks/forecast.py --tune``; figures in ``benchmarks/README.md``).
 
 It refuses (:class:`ForecastError`, message starting with ``"cannot forecast: "``) only when
 there is nothing to extend: too few points, a constant curve, one that clearly moves the wrong
 way for ``mode``, or a diverged last value. Every other case gets a forecast whose ``reliable``
 says whether to act on it, with ``reasons`` when not (few points, an interval wider than the
-observed range, a learning-rate drop with too few points after it).
+observed range, a learning-rate drop with too few points after it, a forecast past the end of an
+annealed schedule).
 
 Example:
     >>> import numpy as np
@@ -212,7 +214,7 @@ def forecast(epochs: Sequence[float], values: Sequence[float], at: float = 50, m
     value_y = _ensemble(fits, wts, clipped, grid)
     stretch = NormalDist().inv_cdf((1 + level) / 2) / NormalDist().inv_cdf(0.95)
     ends = [to_y(b) for b in _band(u, z, (sign * value_y - offset) / scale, grid, sigma, rule, stretch)]
-    future = grid >= 1.0  # the band is drawn from the last point on
+    future = grid >= min(1.0, ua) - 1e-12  # the band is drawn from the last point on (or from `at` before it)
     lo_y = np.where(future, np.fmin(np.fmin(*ends), value_y), np.nan)
     hi_y = np.where(future, np.fmax(np.fmax(*ends), value_y), np.nan)
     xs_grid = origin + span * grid
