@@ -256,6 +256,7 @@ class SystemMetrics:
         self._net = _read(psutil.net_io_counters)
 
     def sample(self) -> dict[str, float]:
+        """The figures now, as ``{"system/<name>": value}`` (megabytes, percentages)."""
         ps, values = self.psutil, {}
         cpu = ps.cpu_times()
         total = _busy_and_idle(cpu) - _busy_and_idle(self._cpu)
