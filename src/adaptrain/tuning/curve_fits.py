@@ -33,6 +33,7 @@ import numpy as np
 _C_POWER = np.logspace(-2, math.log10(4.0), 120)  # exponents: 0.01 (nearly log) .. 4
 _C_EXP = np.logspace(-1, 2.5, 120)  # rates per unit u: from barely bending to saturated at u = 0.02
 _K, _D = (g.ravel() for g in np.meshgrid(np.logspace(-1.5, 2.5, 25), np.logspace(-1, 0.9, 16)))
+_MOST_POINTS = 1000  # global shapes are fitted to at most this many points
 
 
 @dataclass
@@ -64,6 +65,9 @@ def _grid_fit(name: str, basis: Callable[[np.ndarray], np.ndarray], thetas: dict
     """A variable-projection fitter for ``a + b*basis(u)[j]`` over the rows j of the theta grid."""
 
     def fit(u: np.ndarray, z: np.ndarray, cap: float | None = None) -> MemberFit:
+        if len(u) > _MOST_POINTS:  # a step-level log: evenly thinned, the grid costs grid x points
+            keep = np.unique(np.linspace(0, len(u) - 1, _MOST_POINTS).round().astype(int))
+            u, z = u[keep], z[keep]
         with np.errstate(all="ignore"):
             phi = basis(u)  # (grid, n)
         w = u / u.sum()  # recency: a point at the end weighs 1/u_first times one at the start
