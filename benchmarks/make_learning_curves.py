@@ -91,7 +91,8 @@ def main() -> None:
                   f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"generator": "benchmarks/make_learning_curves.py", "epochs": EPOCHS, "seeds": args.seeds, "torch": torch.__version__,
+    meta = {"generator": "benchmarks/make_learning_curves.py", "epochs": EPOCHS, "seeds": args.seeds,
+            "torch": torch.__version__,
             "note": "MNIST-1D validates on its 1,000-sample test split; digits on a 15% validation split."}
     out.write_text(json.dumps({"meta": meta, "curves": curves}, separators=(",", ":")) + "\n")
     print(f"wrote {len(curves)} curves to {out}")

@@ -40,7 +40,8 @@ def main(epochs: int = 50, lr: float = 0.02, batch_size: int = 64, seed: int = 0
     history.plot(run_dir / "history.png")
     save_weights(model, run_dir / "model.safetensors")
     test = trainer.test(test_loader)
-    print(f"\nrun folder: {run_dir}  (history.csv, history.json, history.png, model.safetensors, checkpoints/last.ckpt)")
+    print(f"\nrun folder: {run_dir}  (history.csv, history.json, history.png, model.safetensors, "
+          "checkpoints/last.ckpt)")
     print(f"final test accuracy: {test['test_acc']:.4f}  (MNIST-1D paper, CNN: ~0.94)")
     return test["test_acc"]
 

@@ -1,31 +1,38 @@
 """adaptrain: a PyTorch training engine that tunes itself to the hardware it runs on."""
 
 from adaptrain.callbacks import EarlyStopping, ForecastCallback, ProgressBar
-from adaptrain.core.callback import Callback
-from adaptrain.errors import (BatchStructureError, CallbackError, CheckpointError, ConfigError, MetricError,
-                              MissingExtraError, NonFiniteLossError)
-from adaptrain.core.events import (
-    CancelBatchException,
-    CancelEpochException,
-    CancelFitException,
-    CancelStepException,
-    CancelTrainException,
-    CancelValidateException,
-    Event,
-)
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
-from adaptrain.core.resume import save_checkpoint
 from adaptrain.cli.config import load_config
-from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
+from adaptrain.core.callback import Callback
+from adaptrain.core.events import (
+                              CancelBatchException,
+                              CancelEpochException,
+                              CancelFitException,
+                              CancelStepException,
+                              CancelTrainException,
+                              CancelValidateException,
+                              Event,
+)
 from adaptrain.core.history import History
-from adaptrain.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger
 from adaptrain.core.losses import MultiLoss
-from adaptrain.profiling.profile import ModelProfile, profile
-from adaptrain.profiling.bench import BenchTable, run_bench
+from adaptrain.core.resume import save_checkpoint
 from adaptrain.core.state import TrainState, seed_everything
 from adaptrain.core.trainer import Trainer
+from adaptrain.errors import (
+                              BatchStructureError,
+                              CallbackError,
+                              CheckpointError,
+                              ConfigError,
+                              MetricError,
+                              MissingExtraError,
+                              NonFiniteLossError,
+)
+from adaptrain.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger
+from adaptrain.profiling.bench import BenchTable, run_bench
+from adaptrain.profiling.profile import ModelProfile, profile
+from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
 
 __version__ = "0.1.0"
 

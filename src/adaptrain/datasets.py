@@ -88,7 +88,8 @@ def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.1
     std[std < 1e-6] = 1.0  # pixels constant in train (always 0) stay 0 instead of exploding in val/test
 
     def tensors(features: np.ndarray, labels: np.ndarray) -> TensorDataset:
-        return TensorDataset(torch.tensor((features - mean) / std, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
+        return TensorDataset(torch.tensor((features - mean) / std, dtype=torch.float32),
+                             torch.tensor(labels, dtype=torch.long))
 
     return Splits(tensors(x_train, y_train), tensors(x_val, y_val), tensors(x_test, y_test), 10)
 

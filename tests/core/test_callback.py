@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from adaptrain import (Callback, CallbackError, CancelBatchException, CancelFitException, CancelValidateException,
-                       Event, Trainer)
+from adaptrain import (
+    Callback,
+    CallbackError,
+    CancelBatchException,
+    CancelFitException,
+    CancelValidateException,
+    Event,
+    Trainer,
+)
 from adaptrain.core.callback import CallbackList, overrides
 from tests.common import data, models
 from tests.common.events import EventCounter
@@ -80,7 +87,7 @@ def test_cancel_batch_skips_the_batch_and_fires_after_cancel():
                 raise CancelBatchException()
 
     counter = EventCounter()
-    trainer = fit([SkipOdd(), counter], epochs=1, val=False)
+    fit([SkipOdd(), counter], epochs=1, val=False)
     assert counter.counts["after_cancel_batch"] == 2 and counter.counts["after_backward"] == 2
     assert counter.counts["after_batch"] == 4
 

@@ -123,5 +123,5 @@ def test_checkpoint_contents_come_from_the_state_alone():
     trainer.fit(data.loader(data.classification(n=48), batch_size=16))
     contents = trainer.state.state_dict()
     assert set(contents) == {"meta", "model", "optimizer", "scheduler", "precision", "counters", "history", "rng",
-                             "callbacks", "progress", "meta"}
+                             "callbacks", "progress"}
     assert contents["counters"]["samples_seen"] == 48 and contents["meta"]["precision"] == "32"

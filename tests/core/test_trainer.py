@@ -15,8 +15,17 @@ from torch.optim.lr_scheduler import OneCycleLR, ReduceLROnPlateau, StepLR
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptrain import (BatchStructureError, Callback, ConfigError, MetricError, MultiLoss, NonFiniteLossError,
-                       ProgressBar, Trainer, seed_everything)
+from adaptrain import (
+    BatchStructureError,
+    Callback,
+    ConfigError,
+    MetricError,
+    MultiLoss,
+    NonFiniteLossError,
+    ProgressBar,
+    Trainer,
+    seed_everything,
+)
 from tests.common import data, models
 
 

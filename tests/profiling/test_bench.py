@@ -12,8 +12,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from adaptrain.profiling.bench import BenchRow, BenchTable, mfu, peak_flops, run_bench, with_speedups
 from adaptrain.core.precision import PRECISIONS, precision_support
+from adaptrain.profiling.bench import BenchRow, BenchTable, mfu, peak_flops, run_bench, with_speedups
 
 bench_module = importlib.import_module("adaptrain.profiling.bench")  # the module even if a package attr shadows it
 

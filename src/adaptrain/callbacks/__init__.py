@@ -1,6 +1,6 @@
-from adaptrain.core.callback import Callback, CallbackError
 from adaptrain.callbacks.early_stopping import EarlyStopping
 from adaptrain.callbacks.forecast import ForecastCallback
+from adaptrain.core.callback import Callback, CallbackError
 from adaptrain.core.progress import ProgressBar  # the trainer's default display lives with the loop
 
 __all__ = ["Callback", "CallbackError", "EarlyStopping", "ForecastCallback", "ProgressBar"]

@@ -54,12 +54,12 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_epoch: int | None = None
 
-    def before_fit(self, trainer: "Trainer") -> None:
+    def before_fit(self, trainer: Trainer) -> None:
         if self.monitor.startswith("val_") and trainer.state.val_loader is None:
             raise ConfigError("EarlyStopping(monitor=...)", f'is "{self.monitor}", but fit() got no val_loader; '
                               "pass val_loader or monitor a train_ value.")
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         record = trainer.state.history.records[-1]
         value = record.get(self.monitor)
         if value is None:

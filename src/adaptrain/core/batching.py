@@ -122,8 +122,8 @@ def split_micro_batches(inputs: Any, targets: Any, micro_batch_size: int | None)
     size = batch_size_of(inputs, targets)
     if micro_batch_size >= size:
         return [(inputs, targets)]
-    return [(_slice(inputs, start, start + micro_batch_size, size), _slice(targets, start, start + micro_batch_size, size))
-            for start in range(0, size, micro_batch_size)]
+    bounds = [(start, start + micro_batch_size) for start in range(0, size, micro_batch_size)]
+    return [(_slice(inputs, start, stop, size), _slice(targets, start, stop, size)) for start, stop in bounds]
 
 
 def _slice(obj: Any, start: int, stop: int, size: int) -> Any:

@@ -285,7 +285,8 @@ class TrainingLoop:
                                        f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
         if loss.numel() != 1:  # shape is host-side: no sync
             raise ValueError(f"the criterion ({_name(self.criterion)}) returned a loss of shape {list(loss.shape)} "
-                             f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', not 'none'.")
+                             f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', "
+                             "not 'none'.")
         return outputs, loss, parts
 
     def _refresh(self) -> None:

@@ -24,7 +24,8 @@ class MultiLoss:
         ['loss', 'loss_digit', 'loss_size']
     """
 
-    def __init__(self, losses: Mapping[Any, LossFn] | Sequence[LossFn], weights: Mapping[Any, float] | Sequence[float] | None = None) -> None:
+    def __init__(self, losses: Mapping[Any, LossFn] | Sequence[LossFn],
+                 weights: Mapping[Any, float] | Sequence[float] | None = None) -> None:
         items = list(losses.items()) if isinstance(losses, Mapping) else list(enumerate(losses))
         if not items:
             raise ValueError("MultiLoss(losses=...): expected at least one loss.")
@@ -64,7 +65,8 @@ def as_criterion(criterion: Any) -> LossFn:
     if isinstance(criterion, (Mapping, list, tuple)):
         return MultiLoss(criterion)
     if not callable(criterion):
-        raise TypeError(f"Trainer(criterion=...): expected a callable loss or a dict of them; received {type(criterion).__name__}.")
+        raise TypeError("Trainer(criterion=...): expected a callable loss or a dict of them; "
+                        f"received {type(criterion).__name__}.")
     return criterion
 
 

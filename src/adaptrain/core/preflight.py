@@ -29,10 +29,10 @@ def check_optimizer_covers(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
     Example:
         >>> model, other = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        >>> check_optimizer_covers(model, torch.optim.SGD(other.parameters(), lr=0.1), None)
+        >>> check_optimizer_covers(model, torch.optim.SGD(other.parameters(), lr=0.1), None)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: Trainer(optimizer=...): none of the optimizer's 2 parameters belong to the model (Linear): it was built over another model (re-created after the optimizer?); build it from this model: torch.optim.SGD(model.parameters(), ...).
+        ValueError: Trainer(optimizer=...): none of the optimizer's 2 parameters belong to the model (Linear): ...
     """
     owned = {id(p) for p in model.parameters()}
     if isinstance(criterion, torch.nn.Module):
@@ -60,7 +60,7 @@ def schedule_too_long(scheduler: Any, run_steps: int | None, steps_per_epoch: in
         >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
         >>> cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=800)
         >>> print(schedule_too_long(cycle, 100, 10, "step"))  # doctest: +ELLIPSIS
-        scheduler is OneCycleLR planned for 800 optimizer steps, but this run takes 100 (10 per epoch); it will stop at 12% of its schedule, ...
+        scheduler is OneCycleLR planned for 800 optimizer steps, but this run takes 100 (10 per epoch); ...
     """
     if run_steps is None or interval != "step":
         return None
@@ -98,10 +98,10 @@ def check_monitors(monitors: list[tuple[str, str]], produced: Iterable[str]) -> 
     """Raise a ConfigError for the first monitored ``train_``/``val_`` key no loader produces.
 
     Example:
-        >>> check_monitors([("ModelCheckpoint(monitor=...)", "val_los")], ["val_loss", "val_acc", "train_loss"])
+        >>> check_monitors([("ModelCheckpoint(monitor=...)", "val_los")], ["val_loss", "train_loss"])
         Traceback (most recent call last):
         ...
-        adaptrain.errors.ConfigError: ModelCheckpoint(monitor=...) is "val_los", which no loader produces; available: ['train_loss', 'val_acc', 'val_loss']. Did you mean "val_loss"?
+        adaptrain.errors.ConfigError: ModelCheckpoint(monitor=...) is "val_los", which no loader produces; ...
     """
     produced = sorted(set(produced))
     for field, name in monitors:
@@ -134,7 +134,8 @@ def slow_cpu_precision(precision: str) -> str | None:
     """
     if precision == "16-mixed":
         return ("precision 16-mixed on a CPU: CPUs have no fast float16 kernels, so steps are typically several "
-                'times slower than "32" (measured 5-23x here); use "32", or "bf16-mixed" on a CPU with AVX512-BF16/AMX.')
+                'times slower than "32" (measured 5-23x here); use "32", or "bf16-mixed" on a CPU with '
+                "AVX512-BF16/AMX.")
     if precision == "bf16-mixed" and not _cpu_has_bf16():
         return ('precision bf16-mixed on a CPU without AVX512-BF16/AMX: bfloat16 is emulated, so steps are typically '
                 'slower than "32"; use "32" here (adaptrain tune measures it).')

@@ -12,8 +12,14 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from adaptrain.checkpoint.compat import (changed_settings, model_mismatch, onecycle_too_short, optimizer_mismatch,
-                                         position_mismatch, scheduler_mismatch)
+from adaptrain.checkpoint.compat import (
+    changed_settings,
+    model_mismatch,
+    onecycle_too_short,
+    optimizer_mismatch,
+    position_mismatch,
+    scheduler_mismatch,
+)
 from adaptrain.checkpoint.io import load_checkpoint, write_checkpoint
 from adaptrain.core.callback import CheckpointSaver
 from adaptrain.data.loaders import loader_length

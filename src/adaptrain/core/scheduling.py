@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from adaptrain.errors import ConfigError
 from adaptrain.core.state import TrainState
+from adaptrain.errors import ConfigError
 
 #: Schedulers whose schedule is counted in optimizer steps, not epochs.
 STEP_SCHEDULERS = (OneCycleLR, CyclicLR)
@@ -104,6 +104,7 @@ def build_from_factory(factory: Callable, optimizer: torch.optim.Optimizer, tota
         params = {}
     if "total_steps" in params:
         if total_steps is None:
-            raise ValueError("Trainer(scheduler=...): the factory needs total_steps, but the train loader has no len().")
+            raise ValueError("Trainer(scheduler=...): the factory needs total_steps, but the train loader has "
+                             "no len().")
         return factory(optimizer, total_steps=total_steps)
     return factory(optimizer)

@@ -174,7 +174,8 @@ class TrainState:
             >>> import torch
             >>> from adaptrain import Trainer
             >>> model = torch.nn.Linear(2, 1)
-            >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(), progress=False)
+            >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(),
+            ...                   progress=False)
             >>> saved = trainer.state.snapshot()
             >>> with torch.no_grad(): _ = model.weight.add_(1.0)
             >>> trainer.state.restore(saved); torch.equal(model.weight, saved["model"]["weight"])

@@ -17,9 +17,17 @@ from adaptrain.core.loop import TrainingLoop
 from adaptrain.core.losses import as_criterion
 from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
+from adaptrain.core.preflight import (
+    check_monitors,
+    check_optimizer_covers,
+    monitored_names,
+    schedule_too_long,
+    slow_cpu_precision,
+    train_keys,
+    warn_once,
+    writes_records,
+)
 from adaptrain.core.progress import ProgressBar
-from adaptrain.core.preflight import (check_monitors, check_optimizer_covers, monitored_names, schedule_too_long,
-                                      slow_cpu_precision, train_keys, warn_once, writes_records)
 from adaptrain.core.resume import restore_checkpoint
 from adaptrain.core.scheduling import LRSchedule
 from adaptrain.core.settings import check_trainer_settings, setting_error
@@ -205,8 +213,10 @@ class Trainer(TrainingLoop):
             >>> import torch
             >>> from torch.utils.data import DataLoader, TensorDataset
             >>> model = torch.nn.Linear(2, 1)
-            >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(), progress=False)
-            >>> trainer.state.train_loader = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(),
+            ...                   progress=False)
+            >>> data = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+            >>> trainer.state.train_loader = DataLoader(data, batch_size=4)
             >>> trainer.replace_train_loader(batch_size=8).batch_size
             8
         """
@@ -250,7 +260,8 @@ class Trainer(TrainingLoop):
             return  # a callback of the user's may add the monitored value: its owner checks it at the epoch end
         metric_keys = [f"train_{name}" for name, _, _ in self.train_metrics.entries]
         produced = [*val_keys, *train_keys(val_keys), "train_loss", *metric_keys]
-        monitors = [(field, name) for field, name in monitored_names(self.callbacks, self._schedule.plateau_monitor(state))
+        named = monitored_names(self.callbacks, self._schedule.plateau_monitor(state))
+        monitors = [(field, name) for field, name in named
                     if (name.startswith("val_") and val_keys) or (name.startswith("train_") and
                                                                     (val_keys or not name.startswith("train_loss_")))]
         check_monitors(monitors, produced)  # without a val loader, the callbacks name that problem themselves
@@ -282,7 +293,8 @@ def _check_objects(model: Any, optimizer: Any, metrics: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Trainer(model=...): expected a torch.nn.Module; received {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"Trainer(optimizer=...): expected a torch.optim.Optimizer; received {type(optimizer).__name__}.")
+        raise TypeError("Trainer(optimizer=...): expected a torch.optim.Optimizer; "
+                        f"received {type(optimizer).__name__}.")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"Trainer(metrics=...): expected a dict of name -> metric, e.g. {{\"acc\": "
                         f"MulticlassAccuracy(num_classes=10)}}; received a {type(metrics).__name__}.")
@@ -306,7 +318,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _prediction_inputs(batch: Any) -> Any:
-    """Inputs of a predict batch: a tensor, a 1-tuple (TensorDataset(x)), a dict without targets, or (inputs, targets)."""
+    """Inputs of a predict batch: a tensor, a 1-tuple (TensorDataset(x)), a dict without targets, or
+    (inputs, targets)."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and len(batch) == 1:

@@ -84,13 +84,15 @@ class LoaderSpec:
         if unknown:
             raise LoaderError(f"LoaderSpec.build({', '.join(unknown)}=...): only {', '.join(CHANGEABLE)} can change.")
         if "batch_size" in changes and self.batch_sampler is not None and changes["batch_size"] != self.batch_size:
-            raise LoaderError(f"the train loader batches with its own {type(self.batch_sampler).__name__}, so its batch "
-                              "size cannot be changed; build it with batch_size=... (and sampler=... if you need one).")
+            raise LoaderError(f"the train loader batches with its own {type(self.batch_sampler).__name__}, so its "
+                              "batch size cannot be changed; build it with batch_size=... (and sampler=... if you "
+                              "need one).")
         spec = dataclasses.replace(self, **changes)
         workers = spec.num_workers
         kwargs: dict[str, Any] = dict(
             num_workers=workers, collate_fn=spec.collate_fn, pin_memory=spec.pin_memory, timeout=spec.timeout,
-            worker_init_fn=spec.worker_init_fn, multiprocessing_context=spec.multiprocessing_context if workers else None,
+            worker_init_fn=spec.worker_init_fn,
+            multiprocessing_context=spec.multiprocessing_context if workers else None,
             generator=spec.generator, prefetch_factor=(spec.prefetch_factor or 2) if workers else None,
             persistent_workers=spec.persistent_workers and workers > 0, **spec.extra)
         if spec.batch_sampler is not None:
@@ -123,7 +125,8 @@ def shutdown_workers(batches: Any) -> None:
 # ---------------------------------------------------------------------- the loader's own RNG
 def _loader_generators(loader: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a DataLoader's shuffling draws from (its own, its sampler's)."""
-    owners = (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
     found: list[torch.Generator] = []
     for owner in owners:
         generator = getattr(owner, "generator", None)

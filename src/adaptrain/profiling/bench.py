@@ -29,10 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptrain.profiling.measure import (CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, LiveTensorMeter, MiB, call_model,
-                      count_flops, map_tensors, resolve_device, tensor_bytes)
 from adaptrain.core.precision import PRECISIONS, precision_support
 from adaptrain.core.trainer import Trainer
+from adaptrain.profiling.measure import (
+    CPU_MEMORY_MEASURE,
+    CUDA_MEMORY_MEASURE,
+    LiveTensorMeter,
+    MiB,
+    count_flops,
+    map_tensors,
+    resolve_device,
+    tensor_bytes,
+)
 
 # Dense (no sparsity) peak FLOP/s from NVIDIA datasheets, matched by substring of
 # torch.cuda.get_device_name(); the more specific names come first.

@@ -26,9 +26,23 @@ import torch
 from torch import nn
 
 from adaptrain.core.trainer import Trainer
-from adaptrain.profiling.measure import (CPU_MEMORY_MEASURE, CUDA_MEMORY_MEASURE, MiB, call_model, count_flops, map_tensors,
-                      model_device, output_loss, peak_memory_mb, percentile, preserved_state, resolve_device,
-                      saved_activation_bytes, tensor_leaves, time_ms)
+from adaptrain.profiling.measure import (
+    CPU_MEMORY_MEASURE,
+    CUDA_MEMORY_MEASURE,
+    MiB,
+    call_model,
+    count_flops,
+    map_tensors,
+    model_device,
+    output_loss,
+    peak_memory_mb,
+    percentile,
+    preserved_state,
+    resolve_device,
+    saved_activation_bytes,
+    tensor_leaves,
+    time_ms,
+)
 
 
 # ---- results ----
@@ -266,7 +280,8 @@ def profile(model: nn.Module, example_inputs: Any = None, input_shapes: Any = No
     so is the global RNG state. If ``device`` differs from the model's, a copy is profiled.
     Latency: ``warmup`` untimed calls, then ``runs`` timed ones, CUDA-synchronised, of an
     eval-mode no-grad forward and of a train-mode training step: fit's own step (``Trainer.run_step``)
-    on the sum of the floating outputs, with an SGD step at lr 0. Memory: ``CUDA_MEMORY_MEASURE``/``CPU_MEMORY_MEASURE``.
+    on the sum of the floating outputs, with an SGD step at lr 0.
+    Memory: ``CUDA_MEMORY_MEASURE``/``CPU_MEMORY_MEASURE``.
 
     Example:
         >>> p = profile(nn.Conv1d(1, 8, 3), input_shapes=(1, 40), device="cpu", warmup=1, runs=3)
