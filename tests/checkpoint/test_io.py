@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 import adaptrain.checkpoint.io as checkpoint
-from adaptrain import Callback, Trainer
+from adaptrain import Callback, Trainer, save_checkpoint
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
-from adaptrain import save_checkpoint
 from adaptrain.checkpoint.io import CheckpointError, atomic_write, load_checkpoint, load_weights, save_weights
 from tests.common import data
 

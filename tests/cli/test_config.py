@@ -79,14 +79,17 @@ def test_errors_name_the_file_or_the_command_line(config_file):
 
 
 def test_unknown_key_suggests_the_close_one(config_file):
-    with pytest.raises(ConfigError, match=r'trainer\.max_epocs is not a known key; did you mean "trainer\.max_epochs"\?'):
+    with pytest.raises(ConfigError, match=r'trainer\.max_epocs is not a known key; did you mean '
+                                          r'"trainer\.max_epochs"\?'):
         load_config([config_file], ["trainer.max_epocs=3"])
-    with pytest.raises(ConfigError, match=r'optimizer\.init_arg is not a known key; did you mean "optimizer\.init_args"'):
+    with pytest.raises(ConfigError, match=r'optimizer\.init_arg is not a known key; did you mean '
+                                          r'"optimizer\.init_args"'):
         load_config([config_file], ["optimizer.init_arg.lr=3"])
 
 
 def test_value_checks_after_merge(config_file):
-    with pytest.raises(ConfigError, match=r'trainer\.precision is "fp8"; expected one of "32", "16-mixed", "bf16-mixed"'):
+    with pytest.raises(ConfigError, match=r'trainer\.precision is "fp8"; expected one of "32", "16-mixed", '
+                                          r'"bf16-mixed"'):
         load_config([config_file], ["trainer.precision=fp8"])
     with pytest.raises(ConfigError, match=r"metrics\.acc\.class_path is null"):
         load_config([config_file], ["metrics.acc.class_path=null"])

@@ -114,14 +114,16 @@ def test_tracking_uri_from_the_environment(tracking_uri, tmp_path, monkeypatch):
 def test_cli_default_store_is_inside_the_run_root(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow_store(tmp_path / "runs" / "mlflow.db")  # migrated already: the test checks where the logger looks
-    config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers={"mlflow": {"log_system_metrics": False}}))
+    loggers = {"mlflow": {"log_system_metrics": False}}
+    config = write_config(tmp_path / "run.yaml", base_config(tmp_path / "runs", loggers=loggers))
     assert main(["fit", "--config", str(config), "run_name=cli", "optimizer.init_args.lr=0.05"]) == 0
     out = capsys.readouterr().out
     db = tmp_path / "runs" / "mlflow.db"
     assert f"in sqlite:///{db}" in out
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert run.data.params["optimizer.init_args.lr"] == "0.05" and run.data.params["model.class_path"] == "torch.nn.Linear"
+    assert run.data.params["optimizer.init_args.lr"] == "0.05"
+    assert run.data.params["model.class_path"] == "torch.nn.Linear"
     assert run.data.params["run_name"] == "cli" and run.data.metrics["val_acc"] >= 0
     assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())  # not ./mlruns
 

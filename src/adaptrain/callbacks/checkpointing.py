@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adaptrain.core.callback import CheckpointSaver
 from adaptrain.callbacks.early_stopping import missing_monitor_error
 from adaptrain.callbacks.signals import SignalHandler
 from adaptrain.checkpoint.io import link_atomic
+from adaptrain.core.callback import CheckpointSaver
 from adaptrain.core.resume import save_checkpoint
 from adaptrain.errors import ConfigError
 
@@ -87,7 +87,7 @@ class ModelCheckpoint(CheckpointSaver):
     def state_key(self) -> str:
         return f"ModelCheckpoint[monitor={self.monitor},mode={self.mode}]"  # two differently ranked ones coexist
 
-    def directory(self, trainer: "Trainer") -> Path:
+    def directory(self, trainer: Trainer) -> Path:
         """Where the checkpoints go: ``dirpath``, or the run folder's ``checkpoints/``."""
         if self.dirpath is not None:
             return self.dirpath
@@ -96,7 +96,7 @@ class ModelCheckpoint(CheckpointSaver):
             return Path("checkpoints")
         return Path(getattr(run_dir, "checkpoints", Path(run_dir) / "checkpoints"))
 
-    def last_path(self, trainer: "Trainer") -> Path:
+    def last_path(self, trainer: Trainer) -> Path:
         return self.directory(trainer) / LAST
 
     @property
@@ -106,7 +106,7 @@ class ModelCheckpoint(CheckpointSaver):
         return str(self._dir / names[0]) if names else None
 
     # ------------------------------------------------------------------ events
-    def before_fit(self, trainer: "Trainer") -> None:
+    def before_fit(self, trainer: Trainer) -> None:
         if self.monitor and self.monitor.startswith("val_") and trainer.state.val_loader is None:
             raise ConfigError("ModelCheckpoint(monitor=...)", f'is "{self.monitor}", but fit() got no val_loader; '
                               "pass val_loader or monitor a train_ value.")
@@ -121,33 +121,33 @@ class ModelCheckpoint(CheckpointSaver):
             self._signals.before_fit(trainer)
 
     # The signal handler's hooks around loader workers' start (see adaptrain.callbacks.signals).
-    def before_train(self, trainer: "Trainer") -> None:
+    def before_train(self, trainer: Trainer) -> None:
         if self._signals:
             self._signals.before_train(trainer)
 
-    def before_batch(self, trainer: "Trainer") -> None:
+    def before_batch(self, trainer: Trainer) -> None:
         if self._signals:
             self._signals.before_batch(trainer)
 
-    def after_train(self, trainer: "Trainer") -> None:
+    def after_train(self, trainer: Trainer) -> None:
         if self._signals:
             self._signals.after_train(trainer)
 
-    def before_validate(self, trainer: "Trainer") -> None:
+    def before_validate(self, trainer: Trainer) -> None:
         if self._signals:
             self._signals.before_validate(trainer)
 
-    def after_validate(self, trainer: "Trainer") -> None:
+    def after_validate(self, trainer: Trainer) -> None:
         if self._signals:
             self._signals.after_validate(trainer)
 
-    def after_step(self, trainer: "Trainer") -> None:
+    def after_step(self, trainer: Trainer) -> None:
         if self.every_n_train_steps and trainer.state.global_step % self.every_n_train_steps == 0:
             self._save(trainer, value=None)
         if self._signals:
             self._signals.after_step(trainer)
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         state = trainer.state
         if self.every_n_epochs and state.epoch % self.every_n_epochs == 0:
             record = state.history.records[-1]
@@ -160,7 +160,7 @@ class ModelCheckpoint(CheckpointSaver):
         if self._signals:
             self._signals.after_epoch(trainer)
 
-    def after_fit(self, trainer: "Trainer") -> None:
+    def after_fit(self, trainer: Trainer) -> None:
         # A clean end that no save covered (e.g. every_n_epochs=2 after 3 epochs): last.ckpt gets it.
         # Not when fit was cancelled mid-epoch: the accumulation window may be half done.
         if self.save_last and trainer.state.batch_idx == 0 and self._saved_at != _position(trainer):
@@ -168,18 +168,18 @@ class ModelCheckpoint(CheckpointSaver):
         if self._signals:
             self._signals.after_fit(trainer)
 
-    def exception(self, trainer: "Trainer") -> None:
+    def exception(self, trainer: Trainer) -> None:
         if self._signals:
             self._signals.exception(trainer)
 
-    def save_now(self, trainer: "Trainer") -> Path:
+    def save_now(self, trainer: Trainer) -> Path:
         """Write last.ckpt for the current point (a step or epoch boundary) unless it was just written."""
         if self._saved_at != _position(trainer) or not self.save_last:
             self._save(trainer, value=None, force_last=True)
         return self.last_path(trainer)
 
     # ------------------------------------------------------------------ saving and ranking
-    def _save(self, trainer: "Trainer", value: float | None, force_last: bool = False) -> None:
+    def _save(self, trainer: Trainer, value: float | None, force_last: bool = False) -> None:
         self._check_finite(trainer)  # on every rank: they all stop together, none waits in a collective
         if not trainer.is_global_zero:
             return
@@ -202,7 +202,7 @@ class ModelCheckpoint(CheckpointSaver):
         self._saved_at = _position(trainer)
         self._delete(self.superseded)
 
-    def _check_finite(self, trainer: "Trainer") -> None:
+    def _check_finite(self, trainer: Trainer) -> None:
         """Raise before writing a state that a NaN/Inf loss or weight has corrupted."""
         if not _tracked_losses_finite(trainer):
             trainer.check_finite()  # folds the pending losses and raises NonFiniteLossError naming the batch
@@ -263,7 +263,7 @@ class NonFiniteWeightsError(FloatingPointError):
     """A checkpoint was due, but the model's weights hold NaN or Inf: nothing was written."""
 
 
-def _tracked_losses_finite(trainer: "Trainer") -> bool:
+def _tracked_losses_finite(trainer: Trainer) -> bool:
     """Whether the epoch's tracked losses are all finite, read without folding them.
 
     Folding them here (``trainer.check_finite()``) would round the epoch's train_loss differently
@@ -297,7 +297,7 @@ def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
     return [name for name, tensor in named if not bool(torch.isfinite(tensor).all())] or ["(norm overflow)"]
 
 
-def _position(trainer: "Trainer") -> tuple[int, int, int]:
+def _position(trainer: Trainer) -> tuple[int, int, int]:
     state = trainer.state
     return state.epoch, state.global_step, state.batch_idx
 

@@ -100,7 +100,7 @@ class SignalHandler(Callback):
 
     order = 95  # after ModelCheckpoint (90): a step checkpoint due at this step is written first
 
-    def __init__(self, checkpoint: "ModelCheckpoint | None" = None, signals: tuple[int, ...] | None = None,
+    def __init__(self, checkpoint: ModelCheckpoint | None = None, signals: tuple[int, ...] | None = None,
                  requeue: bool | None = None) -> None:
         on_slurm = "SLURM_JOB_ID" in os.environ
         default = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGUSR1,) if on_slurm else ())
@@ -109,10 +109,10 @@ class SignalHandler(Callback):
         self.received: int | None = None
         self.received_step = 0
         self._previous: dict[int, Any] = {}
-        self._trainer: "Trainer | None" = None
+        self._trainer: Trainer | None = None
         self._blocked = False  # the main thread holds the signals while a loader starts its workers
 
-    def before_fit(self, trainer: "Trainer") -> None:
+    def before_fit(self, trainer: Trainer) -> None:
         from adaptrain.callbacks.checkpointing import ModelCheckpoint
 
         if self.checkpoint is None:
@@ -130,19 +130,19 @@ class SignalHandler(Callback):
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     # Workers are forked when the phase's loader iterator is made, after before_train / before_validate.
-    def before_train(self, trainer: "Trainer") -> None:
+    def before_train(self, trainer: Trainer) -> None:
         self._hold_while_workers_start(trainer.state.train_loader)
 
-    def before_batch(self, trainer: "Trainer") -> None:
+    def before_batch(self, trainer: Trainer) -> None:
         self._release()  # the workers exist (and ignore the signals): a held signal arrives now
 
-    def after_train(self, trainer: "Trainer") -> None:
+    def after_train(self, trainer: Trainer) -> None:
         self._release()
 
-    def before_validate(self, trainer: "Trainer") -> None:
+    def before_validate(self, trainer: Trainer) -> None:
         self._hold_while_workers_start(trainer.state.val_loader)
 
-    def after_validate(self, trainer: "Trainer") -> None:
+    def after_validate(self, trainer: Trainer) -> None:
         self._release()
 
     def _hold_while_workers_start(self, loader: Any) -> None:
@@ -167,21 +167,21 @@ class SignalHandler(Callback):
             raise KeyboardInterrupt
         raise TrainingInterrupted(signum, None, self.received_step, None)
 
-    def after_step(self, trainer: "Trainer") -> None:
+    def after_step(self, trainer: Trainer) -> None:
         if self.received is not None:
             self._stop(trainer)
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         if self.received is not None:  # the signal came during validation: the epoch end is as clean
             self._stop(trainer)
 
-    def after_fit(self, trainer: "Trainer") -> None:
+    def after_fit(self, trainer: Trainer) -> None:
         received = self.received
         self.restore()
         if received is not None and trainer.state.batch_idx == 0:  # arrived after the last check
             self._stop(trainer)
 
-    def exception(self, trainer: "Trainer") -> None:
+    def exception(self, trainer: Trainer) -> None:
         self.restore()
 
     def restore(self) -> None:
@@ -193,7 +193,7 @@ class SignalHandler(Callback):
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def _stop(self, trainer: "Trainer") -> None:
+    def _stop(self, trainer: Trainer) -> None:
         signum, self.received = self.received, None
         self.restore()
         path = self.checkpoint.save_now(trainer)

@@ -37,15 +37,14 @@ import pickle
 import secrets
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from adaptrain.errors import CheckpointError
-
-
 
 #: What a checkpoint contains, and nothing else: model, optimizer, scheduler, grad scaler,
 #: counters, history, RNG states, every stateful callback's state, the running epoch's loss and
@@ -224,7 +223,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         >>> load_weights(torch.nn.Linear(2, 4), path)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        adaptrain.errors.CheckpointError: ...w.safetensors: does not match Linear: shape mismatches: weight: file [3, 2], model [4, 2]; bias: file [3], model [4]. Nothing was loaded.
+        adaptrain.errors.CheckpointError: ...w.safetensors: does not match Linear: shape mismatches: ... loaded.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

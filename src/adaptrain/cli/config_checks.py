@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigIndexError, ConfigKeyError, OmegaConfBaseException
 
-from adaptrain.errors import ConfigError
 from adaptrain.core.settings import MAX_COUNT, TRAINER_RULES, check_setting
+from adaptrain.errors import ConfigError
 from adaptrain.loggers.run_dir import check_name
 
 SECTIONS = ("model", "data", "optimizer", "scheduler", "criterion", "trainer")  # typed by the schema
@@ -74,7 +75,8 @@ _EXPECTED = {  # containers whose type OmegaConf reports only as "incompatible c
 def expected_spec(section: str) -> str:
     if section == "trainer":
         return "a mapping of Trainer arguments (max_epochs, precision, ...)"
-    example = {"model": "adaptrain.models.MLP", "data": "adaptrain.datasets.digits"}.get(section, "package.module.Class")
+    examples = {"model": "adaptrain.models.MLP", "data": "adaptrain.datasets.digits"}
+    example = examples.get(section, "package.module.Class")
     return f"a mapping with class_path (an import path like {example}) and init_args"
 
 
@@ -110,6 +112,15 @@ def check_values(config: dict[str, Any], source_of: Callable[[str], str]) -> Non
         reason = config[name] is not None and check_name(str(config[name]))
         if reason:
             fail(name, f'is {show(config[name])}, which {reason}; it names a folder under root_dir.')
+    check_specs(config, fail)
+    loggers = config["loggers"]
+    if loggers is not None and not isinstance(loggers, (list, Mapping)):
+        fail("loggers", f"is {show(loggers)}; expected a list (names or class_path specs) or a mapping "
+             "of name -> options, e.g. {mlflow: {}, tensorboard: {}}.")
+
+
+def check_specs(config: Mapping[str, Any], fail: Callable[[str, str], None]) -> None:
+    """Every ``{class_path, init_args}`` spec of the config has that shape: sections, metrics, callbacks."""
     for section in ("model", "data", "optimizer", "criterion", "scheduler"):
         if config[section] is not None:
             check_spec(config[section], section, fail, extra=tuple(config[section].keys()))
@@ -121,10 +132,6 @@ def check_values(config: dict[str, Any], source_of: Callable[[str], str]) -> Non
             check_spec(spec, f"metrics.{name}", fail)
     for index, spec in enumerate(config["callbacks"]):
         check_spec(spec, f"callbacks.{index}", fail)
-    loggers = config["loggers"]
-    if loggers is not None and not isinstance(loggers, (list, Mapping)):
-        fail("loggers", f"is {show(loggers)}; expected a list (names or class_path specs) or a mapping "
-             "of name -> options, e.g. {mlflow: {}, tensorboard: {}}.")
 
 
 #: Integer settings of the config outside the trainer's rule table (core/settings.py), with what the
@@ -140,8 +147,8 @@ def check_bounds(config: Mapping[str, Any], fail: Callable[[str, str], None]) ->
     """Each :data:`INTEGER_BOUNDS` key that is set must be an integer within its bounds.
 
     Example:
-        >>> check_bounds({"data": {"batch_size": 10**30}}, lambda key, message: print(key, message))
-        data.batch_size is 1000000000000000000000000000000; expected an integer from 1 to 2147483647 (samples in a batch).
+        >>> check_bounds({"data": {"num_workers": -1}}, lambda key, message: print(key, message))
+        data.num_workers is -1; expected an integer from 0 to 1024 (worker processes).
     """
     for key, (low, high, why) in INTEGER_BOUNDS.items():
         section, name = key.split(".")

@@ -25,7 +25,8 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator
+from typing import Any, Mapping
 
 import torch
 

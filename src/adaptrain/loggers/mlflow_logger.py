@@ -12,8 +12,9 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from adaptrain.errors import MissingExtraError
 from adaptrain.loggers.base import Logger, RunInfo, best_checkpoint
@@ -101,7 +102,7 @@ class MLflowLogger(Logger):
         return f"sqlite:///{root / 'mlflow.db'}"
 
     # ------------------------------------------------------------------ lifecycle
-    def _start(self, trainer: "Trainer") -> None:
+    def _start(self, trainer: Trainer) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -202,7 +203,7 @@ class MLflowLogger(Logger):
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self._flush()
 
-    def after_epoch(self, trainer: "Trainer") -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
         super().after_epoch(trainer)
         if self._system is not None and self.run_id is not None:
             self._log_metrics(self._system.sample(), trainer.state.epoch)
@@ -261,7 +262,8 @@ class SystemMetrics:
         cpu = ps.cpu_times()
         total = _busy_and_idle(cpu) - _busy_and_idle(self._cpu)
         idle = sum(getattr(cpu, f, 0.0) - getattr(self._cpu, f, 0.0) for f in ("idle", "iowait"))
-        values["system/cpu_utilization_percentage"] = min(100.0, max(0.0, 100.0 * (1 - idle / total))) if total > 0 else 0.0
+        busy = 100.0 * (1 - idle / total) if total > 0 else 0.0
+        values["system/cpu_utilization_percentage"] = min(100.0, max(0.0, busy))
         self._cpu = cpu
         memory = _read(ps.virtual_memory)
         if memory is not None:
