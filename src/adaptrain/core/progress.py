@@ -29,10 +29,8 @@ from rich.progress import Progress, ProgressColumn, Task
 from rich.table import Column
 from rich.text import Text
 
-from adaptrain.core.batching import batch_size_of
 from adaptrain.core.callback import Callback
 from adaptrain.core.history import format_values, value_pairs
-from adaptrain.errors import BatchStructureError
 
 if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
@@ -286,7 +284,7 @@ class ProgressBar(Callback):
         if not trainer.is_global_zero:
             return
         state = trainer.state
-        self._samples += _batch_size(state.batch)
+        self._samples += state.batch_samples  # counted by the loop already
         if self._progress is not None and self._task is not None:
             self._draw(state)
         elif self.plain_every is not None and state.batch_idx % trainer.log_every_n_steps == 0:
@@ -361,10 +359,3 @@ def _length(loader: Any) -> int | None:
     except TypeError:
         return None
 
-
-def _batch_size(batch: Any) -> int:
-    """Samples in a train batch: dim 0 of its first tensor (a shape read: no device sync)."""
-    try:
-        return batch_size_of(batch)
-    except BatchStructureError:  # no tensor we can see: count batches
-        return 1
