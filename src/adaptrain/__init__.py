@@ -66,6 +66,7 @@ __all__ = [
     "BenchTable",
     "MultiLoss",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
     "ProgressBar",
     "SignalHandler",
     "TrainState",

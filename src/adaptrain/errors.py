@@ -34,6 +34,10 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """A checkpoint was due, but the model's weights hold NaN or Inf: nothing was written."""
+
+
 class MissingExtraError(ImportError):
     """An optional dependency is not installed; names the install command."""
 

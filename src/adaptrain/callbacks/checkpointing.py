@@ -14,7 +14,7 @@ from adaptrain.callbacks.signals import SignalHandler
 from adaptrain.checkpoint.io import link_atomic
 from adaptrain.core.callback import CheckpointSaver
 from adaptrain.core.resume import save_checkpoint
-from adaptrain.errors import ConfigError
+from adaptrain.errors import ConfigError, NonFiniteWeightsError
 
 if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
@@ -204,8 +204,7 @@ class ModelCheckpoint(CheckpointSaver):
 
     def _check_finite(self, trainer: Trainer) -> None:
         """Raise before writing a state that a NaN/Inf loss or weight has corrupted."""
-        if not _tracked_losses_finite(trainer):
-            trainer.check_finite()  # folds the pending losses and raises NonFiniteLossError naming the batch
+        trainer.check_finite()  # NonFiniteLossError naming the batch; folds nothing (one sync)
         bad = _nonfinite_weights(trainer.state.model)
         if bad:
             state, last = trainer.state, self.last_path(trainer)
@@ -257,25 +256,6 @@ class ModelCheckpoint(CheckpointSaver):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.recent = dict(state["best"]), list(state["recent"])
         self.superseded = list(state["superseded"])
-
-
-class NonFiniteWeightsError(FloatingPointError):
-    """A checkpoint was due, but the model's weights hold NaN or Inf: nothing was written."""
-
-
-def _tracked_losses_finite(trainer: Trainer) -> bool:
-    """Whether the epoch's tracked losses are all finite, read without folding them.
-
-    Folding them here (``trainer.check_finite()``) would round the epoch's train_loss differently
-    from a run without checkpoints; the check stacks the pending values instead (one sync).
-    """
-    sums = getattr(trainer.state, "train_sums", None)
-    mean = sums.losses.get("loss") if sums is not None else None
-    if mean is None or getattr(trainer, "nan_policy", "raise") != "raise":
-        return True
-    saved = mean.state_dict()
-    values = [v.reshape(-1) for v in (saved["pending"], saved["total"]) if isinstance(v, torch.Tensor)]
-    return not values or bool(torch.isfinite(torch.cat([v.float() for v in values])).all())
 
 
 def _nonfinite_weights(model: torch.nn.Module) -> list[str]:

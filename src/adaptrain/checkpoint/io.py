@@ -15,9 +15,9 @@ A checkpoint is one ``torch.save`` file (a zip) holding a dict:
     meta        format version, class names, precision, accumulation (to explain mismatches)
 
 The contents are built by :meth:`adaptrain.TrainState.state_dict` (``core``, above this layer) and
-put back by ``fit(ckpt_path=...)``. Checkpoints are taken at a window boundary (``after_step`` / ``after_epoch``), so no half-accumulated
-gradient is ever saved. Writes are atomic (temporary file, fsync, ``os.replace``, fsync of the folder):
-a save killed at any byte leaves the previous file intact. Every load uses
+put back by ``fit(ckpt_path=...)``. Checkpoints are taken at a window boundary (``after_step`` /
+``after_epoch``), so no half-accumulated gradient is ever saved. Writes are atomic (temporary file,
+fsync, ``os.replace``, fsync of the folder): a save killed at any byte leaves the previous file intact. Every load uses
 ``torch.load(weights_only=True)`` and checks the zip's CRCs first: a file that would run code when
 unpickled, or a damaged one, is refused with a :class:`CheckpointError` naming the file.
 

@@ -22,25 +22,27 @@ import functools
 import inspect
 import itertools
 import random
-import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Mapping
 
 import torch
 
-from adaptrain.distributed import env as distributed
-from adaptrain.core.callback import Callback
+from adaptrain.checkpoint.compat import model_mismatch
+from adaptrain.checkpoint.io import load_checkpoint, load_weights
 from adaptrain.cli.config import Config, flatten, to_yaml
 from adaptrain.cli.config_checks import check_spec
-from adaptrain.errors import ConfigError
 from adaptrain.cli.instantiate import Loaders, build_loaders, call, instantiate, resolve
+from adaptrain.core.callback import Callback
+from adaptrain.core.preflight import check_monitors, writes_records
+from adaptrain.core.state import seed_everything
+from adaptrain.core.trainer import Trainer
+from adaptrain.distributed import env as distributed
+from adaptrain.errors import CheckpointError, ConfigError
 from adaptrain.loggers import BUILTIN_LOGGERS
 from adaptrain.loggers.base import Logger, RunInfo
 from adaptrain.loggers.run_dir import OpenedRun, RunDir, open_run_dir
-from adaptrain.core.state import seed_everything
-from adaptrain.core.trainer import Trainer
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Built:
     trainer: Trainer
     loaders: Loaders
     loggers: list[Callback]  # the CSV logger first, then the configured ones
+    checkpoint: dict[str, Any] | None = None  # fit's ckpt_path, read once (checked before any folder exists)
 
 
 def build(config: dict[str, Any], verb: str = "fit") -> Built:
@@ -93,13 +96,12 @@ def _build(config: dict[str, Any], verb: str) -> Built:
         trainer = Trainer(model, optimizer, criterion, metrics=metrics, scheduler=scheduler,
                           callbacks=[*loggers, *callbacks], **trainer_args)
     except (ValueError, TypeError) as error:
-        named = re.search(r"Trainer\((\w+)=", str(error))
-        raise ConfigError(f"trainer.{named.group(1)}" if named else "trainer", f"was rejected: {error}") from error
+        field = getattr(error, "field", None)  # the rule table's errors name their setting
+        raise ConfigError(f"trainer.{field}" if field else "trainer", f"was rejected: {error}") from error
     if verb == "fit":
         _check_monitors(callbacks, trainer, loaders)
-    if config["ckpt_path"] is not None:
-        _check_checkpoint(config["ckpt_path"], model, verb)
-    return Built(config, trainer, loaders, loggers)
+    checkpoint = _check_checkpoint(config["ckpt_path"], model, verb) if config["ckpt_path"] is not None else None
+    return Built(config, trainer, loaders, loggers, checkpoint)
 
 
 def _check_monitors(callbacks: list[Callback], trainer: Trainer, loaders: Loaders) -> None:
@@ -109,8 +111,6 @@ def _check_monitors(callbacks: list[Callback], trainer: Trainer, loaders: Loader
     Costs one val batch (fit's own sanity pass repeats it). A val batch the model cannot take is left
     to fit, which reports it; so are the train_ monitors and the plateau scheduler's.
     """
-    from adaptrain.core.preflight import check_monitors, writes_records
-
     watched = [(f"callbacks.{i}.init_args.monitor", cb.monitor) for i, cb in enumerate(callbacks)
                if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith("val_")]
     if not watched or any(writes_records(cb) for cb in trainer.callbacks):
@@ -143,7 +143,8 @@ def _check_loaders(loaders: Loaders, verb: str, path: str) -> None:
     if verb == "predict" and first_loader(loaders.predict, loaders.test, loaders.val) is None:
         needed = "predict"
     if needed and getattr(loaders, needed) is None:
-        raise ConfigError("data.class_path", f'is "{path}", which gives no {needed} loader; `adaptrain {verb}` needs one.')
+        raise ConfigError("data.class_path",
+                          f'is "{path}", which gives no {needed} loader; `adaptrain {verb}` needs one.')
 
 
 def _scheduler(spec: Mapping[str, Any] | None, optimizer: Any) -> Any:
@@ -211,7 +212,8 @@ def _fail(key: str, message: str) -> None:
     raise ConfigError(key, message)
 
 
-def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> None:
+def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> dict[str, Any] | None:
+    """Check ``ckpt_path`` fits the model; for fit, return its contents (so it is read once)."""
     if ckpt_path == "last":
         raise ConfigError("ckpt_path", 'is "last", which the CLI cannot resolve (it does not know which run); '
                           "expected a checkpoint file, e.g. runs/<experiment>/<run>/checkpoints/last.ckpt "
@@ -219,18 +221,15 @@ def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> None:
     if not Path(ckpt_path).is_file():
         raise ConfigError("ckpt_path", f'is "{ckpt_path}", which is not a file.')
     if verb == "fit":  # checked here, before the run folder exists; fit(ckpt_path=...) checks the rest
-        from adaptrain.checkpoint.io import CheckpointError, load_checkpoint
-        from adaptrain.checkpoint.compat import model_mismatch
-
         try:
-            problem = model_mismatch(model, load_checkpoint(ckpt_path)["model"])
+            contents = load_checkpoint(ckpt_path)
         except CheckpointError as error:
             raise ConfigError("ckpt_path", f"could not be loaded: {error}") from error
+        problem = model_mismatch(model, contents["model"])
         if problem:
             raise ConfigError("ckpt_path", f'is "{ckpt_path}", which {problem}')
+        return contents
     if verb in ("validate", "test", "predict"):
-        from adaptrain.checkpoint.io import CheckpointError, load_checkpoint, load_weights
-
         try:
             if ckpt_path.endswith(".safetensors"):
                 load_weights(model, ckpt_path)
@@ -238,6 +237,7 @@ def _check_checkpoint(ckpt_path: str, model: Any, verb: str) -> None:
                 model.load_state_dict(load_checkpoint(ckpt_path)["model"])
         except (CheckpointError, RuntimeError) as error:
             raise ConfigError("ckpt_path", f"could not be loaded: {error}") from error
+    return None
 
 
 def resumable_run(ckpt_path: str | None) -> RunDir | None:

@@ -40,15 +40,15 @@ from typing import Any, Sequence
 
 import torch
 
-from adaptrain.core.batching import describe, unpack_batch
-from adaptrain.callbacks.progress import format_values
-from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
-from adaptrain.errors import ConfigError, MissingExtraError
 from adaptrain.checkpoint.io import CheckpointError
+from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
 from adaptrain.cli.experiment import Built, build, first_loader, open_run
 from adaptrain.cli.instantiate import instantiate
-from adaptrain.loggers.base import Logger
+from adaptrain.core.batching import describe, unpack_batch
+from adaptrain.core.history import format_values
 from adaptrain.core.losses import split_loss
+from adaptrain.errors import ConfigError, MissingExtraError
+from adaptrain.loggers.base import Logger
 from adaptrain.loggers.run_dir import OpenedRun
 
 _RUN_VERBS = ("fit", "validate", "test", "predict")
@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 "
                "optimizer.init_args.lr=0.01\n" + _EXIT_HELP)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{fit,validate,test,predict,profile,bench,forecast}")
+    verbs = parser.add_subparsers(dest="verb", required=True,
+                                  metavar="{fit,validate,test,predict,profile,bench,forecast}")
     config_args = argparse.ArgumentParser(add_help=False)
     config_args.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                              help="YAML config; repeat to merge several (later files win)")
@@ -193,7 +194,7 @@ def _run_verb(args: argparse.Namespace) -> int:
             "(pass ckpt_path=runs/<experiment>/<run>/checkpoints/<file>).")
     try:
         if args.verb == "fit":
-            trainer.fit(loaders.train, loaders.val, ckpt_path=config["ckpt_path"])
+            trainer.fit(loaders.train, loaders.val, ckpt_path=built.checkpoint or config["ckpt_path"])
         else:
             _evaluate(built, args.verb, run)
     except Exception as error:
@@ -238,7 +239,8 @@ def _evaluate(built: Built, verb: str, run: OpenedRun | None) -> None:
         if verb == "predict":
             if run is not None:
                 torch.save(outputs, run.path / "predictions.pt")
-            trainer.print(f"predictions: {describe(outputs)} -> {run.path / 'predictions.pt' if run else '(not saved)'}")
+            saved = run.path / "predictions.pt" if run else "(not saved)"
+            trainer.print(f"predictions: {describe(outputs)} -> {saved}")
         else:
             for logger in loggers:
                 logger.log_results(verb, results)
@@ -281,7 +283,8 @@ def _comma_list(kind: type) -> Any:
         try:
             return [kind(part) for part in text.split(",") if part]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__} values separated by commas; received {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} values separated by commas; "
+                                             f"received {text!r}") from None
     return parse
 
 
@@ -308,7 +311,8 @@ def _bench(args: argparse.Namespace) -> int:
     table = run_bench(lambda: instantiate(config["model"], "model"), make_batch, precisions=precisions,
                       batch_sizes=batch_sizes, device=built.trainer.device,
                       compile=args.compile or config["trainer"]["compile"],
-                      steps=args.steps, warmup=args.warmup, criterion=lambda out, tgt: split_loss(criterion(out, tgt))[0],
+                      steps=args.steps, warmup=args.warmup,
+                      criterion=lambda out, tgt: split_loss(criterion(out, tgt))[0],
                       optimizer_factory=lambda params: instantiate(config["optimizer"], "optimizer", params))
     run = open_run(built, "bench")  # only once the table exists: a failed bench leaves nothing behind
     markdown = args.markdown or (run.path / "bench.md" if run else None)

@@ -294,11 +294,16 @@ class TrainingLoop:
         state = self.state
         bad_batch = state.train_sums.fold(find_nonfinite=self.nan_policy == "raise")
         if bad_batch is not None:
-            acc = state.accumulate_grad_batches
-            steps_this_epoch = state.batch_idx // acc + (1 if state.batch_idx % acc and not state.window.samples else 0)
-            step = state.global_step - steps_this_epoch + math.ceil(bad_batch / acc)  # the step that used it
-            raise NonFiniteLossError(state.epoch + 1, step, bad_batch)
+            raise self._nonfinite_loss(bad_batch)
         state.running = state.train_sums.values()
+
+    def _nonfinite_loss(self, bad_batch: int) -> NonFiniteLossError:
+        """The error for a NaN/Inf loss first seen in batch ``bad_batch`` of this epoch, naming its step."""
+        state = self.state
+        acc = state.accumulate_grad_batches
+        steps_this_epoch = state.batch_idx // acc + (1 if state.batch_idx % acc and not state.window.samples else 0)
+        step = state.global_step - steps_this_epoch + math.ceil(bad_batch / acc)  # the step that used it
+        return NonFiniteLossError(state.epoch + 1, step, bad_batch)
 
     # ------------------------------------------------------------------ evaluation
     def _validate_epoch(self) -> None:

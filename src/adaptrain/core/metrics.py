@@ -63,6 +63,17 @@ class WeightedMean:
         self._values, self._weights, self._tags = [], [], []
         return bad_tag
 
+    def first_nonfinite(self) -> int | None:
+        """The tag of the first NaN/Inf value (pending or already folded into the total; -1 for the
+        total), without folding anything: a host-device sync that leaves the sums as they are."""
+        if self._values:
+            finite = torch.isfinite(torch.stack([v.reshape(()) for v in self._values]))
+            if not bool(finite.all()):
+                return self._tags[int((~finite).nonzero()[0])]
+        if self.total is not None and not bool(torch.isfinite(self.total)):
+            return -1
+        return None
+
     def compute(self) -> float | None:
         self.flush()
         if self.total is None or self.count == 0:

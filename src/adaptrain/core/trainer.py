@@ -275,10 +275,14 @@ class Trainer(TrainingLoop):
     def check_finite(self) -> None:
         """Raise :class:`~adaptrain.NonFiniteLossError` if a loss tracked so far this epoch was NaN/Inf.
 
-        A host-device sync: call it where one is paid anyway (before writing a checkpoint).
+        A host-device sync: call it where one is paid anyway (before writing a checkpoint). It folds
+        nothing, so the epoch's ``train_loss`` is the same bits as in a run that never checked.
         """
-        if self.nan_policy == "raise":
-            self._refresh()
+        if self.nan_policy != "raise":
+            return
+        bad_batch = self.state.train_sums.losses["loss"].first_nonfinite()
+        if bad_batch is not None:
+            raise self._nonfinite_loss(max(bad_batch, 1))
 
     def print(self, *args: Any) -> None:
         """Print on rank zero only, through the progress bar's console when there is one."""
