@@ -561,3 +561,14 @@ def test_sigterm_keeps_its_exit_code_and_the_run(config_file, tmp_path, capsys):
     folder = tmp_path / "runs/tiny/term"
     assert (folder / "checkpoints/last.ckpt").is_file()
     assert "end (killed)" in (folder / "train.log").read_text().splitlines()[-1]
+
+
+def test_call_false_at_the_top_of_criterion_and_metrics_through_the_cli(tmp_path, capsys):
+    """A plain function as the criterion and as a metric, named at the top of their sections."""
+    config = base_config(tmp_path / "runs", criterion={"class_path": "torch.nn.functional.cross_entropy",
+                                                        "call": False},
+                         metrics={"acc": {"class_path": "tests.cli_data.accuracy", "call": False}})
+    code, _, err = run(["fit", "--config", write_config(tmp_path / "run.yaml", config), "loggers=null"], capsys)
+    assert code == 0, err
+    record = next(csv.DictReader(open(run_folders(tmp_path / "runs")[0] / "history.csv")))
+    assert 0.0 <= float(record["train_acc"]) <= 1.0 and float(record["train_loss"]) > 0

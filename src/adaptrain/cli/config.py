@@ -53,6 +53,7 @@ class OptimizerConfig(ComponentConfig):
 @dataclass
 class CriterionConfig(ComponentConfig):
     class_path: str = "torch.nn.CrossEntropyLoss"
+    call: bool = True  # false: class_path names the loss function itself (torch.nn.functional.nll_loss)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from adaptrain.errors import ConfigError
 from adaptrain.loggers.run_dir import check_name
 
 SECTIONS = ("model", "data", "optimizer", "scheduler", "criterion", "trainer")  # typed by the schema
-SPEC_KEYS = ("class_path", "init_args")
+SPEC_KEYS = ("class_path", "init_args", "call")
 
 
 def translate(error: OmegaConfBaseException, config: DictConfig, source: str, value: Any,
@@ -210,7 +210,7 @@ def check_spec(spec: Any, key: str, fail: Any, extra: Sequence[str] = ()) -> Non
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1, cutoff=0.5)
         hint = f'did you mean "{key}.{close[0]}"? ' if close else ""
-        fail(f"{key}.{unknown[0]}", f"is not a known key; {hint}Expected one of: class_path, init_args.")
+        fail(f"{key}.{unknown[0]}", f"is not a known key; {hint}Expected one of: {', '.join(SPEC_KEYS)}.")
     if not isinstance(spec.get("class_path"), str) or not spec["class_path"].strip():
         fail(f"{key}.class_path", f"is {show(spec.get('class_path'))}; expected an import path like "
              "package.module.Class.")
