@@ -343,7 +343,7 @@ class LoaderTuner:
         if trials_left <= 0:
             self._note = f"the {self.max_trials}-trial budget is spent"
         elif best.data_share < self.data_bound_share and self._stage != "done":
-            self._note = f"the loader is no longer the bottleneck (data wait {_pct(best.data_share)})"
+            self._note = f"the loader is no longer the bottleneck: data wait {_pct(best.data_share)}"
         else:
             candidate = self._candidate(best.settings)
         if candidate is not None:
