@@ -315,3 +315,14 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(tmp_
     assert worker.finish() == 143, worker.stderr
     fields = dict(item.split("=", 1) for item in line.split()[1:])
     assert load_checkpoint(fields["path"])["counters"]["global_step"] == int(fields["saved_step"]) >= 5
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    make = lambda: Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),  # noqa: E731
+                           max_epochs=2, progress=False, device="cpu", callbacks=[ModelCheckpoint(tmp_path)])
+    loader = data.loader(data.classification(n=16), batch_size=8)
+    make().fit(loader)
+    with pytest.warns(UserWarning, match="the checkpoint is at epoch 2 and max_epochs is 2: nothing left to train"):
+        make().fit(loader, ckpt_path="last")

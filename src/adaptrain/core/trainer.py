@@ -162,6 +162,9 @@ class Trainer(TrainingLoop):
             torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
         if ckpt_path is not None:
             restore_checkpoint(self, ckpt_path)
+            if state.epoch >= state.max_epochs:
+                warnings.warn(f"fit(ckpt_path=...): the checkpoint is at epoch {state.epoch} and max_epochs is "
+                              f"{state.max_epochs}: nothing left to train. Raise max_epochs to train more.")
         self._preflight(fresh=ckpt_path is None and state.epoch == 0)
         try:
             self._with_events("fit", self._fit_epochs)
