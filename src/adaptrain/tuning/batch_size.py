@@ -2,10 +2,12 @@
 
 Pure (no torch): a *probe*, a callable the trainer supplies (a few real training steps at one
 batch size; simulated in the tests), turns a batch size into a :class:`Probe`; the rest is
-numbers in, numbers out. :func:`search_batch_size`:
+numbers in, numbers out (the LR, accumulation and micro-batch rules live in
+:mod:`adaptrain.tuning.batch_rules` and are re-exported here). :func:`search_batch_size`:
 
 * ``"safe"`` only shrinks: the configured batch is probed once and kept if it fits; otherwise
-  halve until one fits, then bisect between that fit and the smallest failure.
+  halve until one fits, then bisect between that fit and the smallest failure (aiming at where
+  the measured peak memory, extrapolated on a line, reaches ``memory_fraction``, when it can).
 * ``"full"`` grows from the start by doubling (x4 while a doubling buys >= 50% more samples/s:
   far from saturation), capped by ``limit``, and stops growing when two steps past the best are
   not faster by ``min_gain`` per doubling (the biggest batch is often not the fastest). It then
@@ -27,23 +29,29 @@ never on a size seen to fail.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from adaptrain.tuning.batch_rules import (
+    LR_RULES,
+    BatchSizeError,
+    accumulation_for,
+    agree_batch_size,
+    check_counts,
+    halve_micro_batch,
+    scale_lr,
+    split_plan,
+)
 
 __all__ = ["Probe", "BatchSizeSearch", "BatchSizeError", "MODES", "LR_RULES", "search_batch_size",
            "scale_lr", "accumulation_for", "split_plan", "halve_micro_batch", "agree_batch_size"]
 
 MODES = ("safe", "full")
-LR_RULES = ("sqrt", "linear", None)
 FAST_GAIN = 0.5  # a doubling this much faster is far from saturation: the next step is x4, not x2
 ALIGN = 8  # bisection and refinement midpoints prefer multiples of this while the bracket is wide
 DEFAULT_SPREAD = 0.02  # relative noise of a throughput measurement when the probe does not say
 PICK_Z = 1.0  # prefer a smaller batch only when it is within tolerance by more than the noise
 REFINE_PROBES = 4  # at most this many probes around an inside peak: each buys a few % at most
-
-
-class BatchSizeError(RuntimeError):
-    """No batch size fits (even 1 ran out of memory), or the trial budget ran out before one did."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +210,7 @@ def search_batch_size(mode: str, start: int, probe: Callable[[int], Probe], limi
     """
     if mode not in MODES:
         raise ValueError(f'mode is {mode!r}; expected "safe" or "full"')
-    _count(start=start, max_trials=max_trials, **({} if limit is None else {"limit": limit}))
+    check_counts(start=start, max_trials=max_trials, **({} if limit is None else {"limit": limit}))
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction is {memory_fraction!r}; expected a fraction in (0, 1]")
     if not (0 <= min_gain < 1 and 0 <= tolerance < 1):
@@ -244,15 +252,31 @@ def _bisect(trials: _Trials, lo: int, hi: int, gain: float = math.inf, tolerance
     bracket could buy less than ``tolerance`` even at that rate (a probe there would not change
     the pick), or when a bigger fit is slower: the peak is below the edge, for :func:`_refine`.
     """
+    guessed_wrong = False
     while hi - lo > 1 and trials.left > 0 and (1 + gain) ** math.log2(hi / lo) - 1 >= tolerance:
-        mid = _between(lo, hi, (lo + hi) / 2)
+        guess = None if guessed_wrong else _edge_guess(trials, lo, hi)
+        # a bracket wider than 2x (after a x4 step) is split at its geometric middle first: the skipped doubling
+        mid = guess or _between(lo, hi, math.sqrt(lo * hi) if hi > 2 * lo else (lo + hi) / 2)
         if not trials.run(mid):
-            hi = mid
+            hi, guessed_wrong = mid, guess is not None  # after a wrong guess, halve: convergence is kept
         elif math.isfinite(gain) and trials.rate(mid) < trials.rate(lo):
             return lo
         else:
-            lo = mid
+            lo, guessed_wrong = mid, False
     return lo
+
+
+def _edge_guess(trials: _Trials, lo: int, hi: int) -> int | None:
+    """Where peak memory reaches ``memory_fraction`` on the line through the two largest fits that
+    measured it (memory grows about linearly with the batch), if below hi; at or under lo (the
+    line says lo is the edge): lo + 1, to confirm it."""
+    points = [(b, trials.by_size[b][-1].peak_fraction) for b in trials.fitted() if b <= lo]
+    points = [(b, p) for b, p in points if p is not None][-2:]
+    if len(points) < 2 or points[1][1] <= points[0][1]:
+        return None
+    (b0, p0), (b1, p1) = points
+    guess = int(b1 + (trials.memory_fraction - p1) * (b1 - b0) / (p1 - p0))
+    return max(lo + 1, guess) if guess < hi else None
 
 
 def _safe(trials: _Trials, start: int) -> tuple[int, str]:
@@ -346,95 +370,3 @@ def _reason(mode: str, start: int, chosen: int, stop: str, trials: _Trials, min_
            "memory": f"{'largest that fits' if mode == 'safe' else 'memory edge'} ({at}){fail}",
            "plateau": f"samples/s stopped improving by >= {min_gain:.0%} per doubling ({at}){fail}"}[stop]
     return f"{head}: {why}; {len(trials.records)} trials"
-
-
-def scale_lr(lr: float, old_batch: int, new_batch: int, rule: str | None = "sqrt") -> float:
-    """The learning rate for ``new_batch`` when ``lr`` was tuned for ``old_batch``.
-
-    ``"sqrt"`` (default, as OTX): ``lr * sqrt(new / old)``; ``"linear"`` (Goyal et al.):
-    ``lr * new / old``; ``None``: unchanged. With accumulation, pass effective batches
-    (``accumulate * batch_size``), so keeping the effective batch keeps the LR.
-
-    Example:
-        >>> scale_lr(0.1, 64, 256), scale_lr(0.1, 64, 256, "linear"), scale_lr(0.1, 64, 256, None)
-        (0.2, 0.4, 0.1)
-    """
-    if rule not in LR_RULES:
-        raise ValueError(f'lr_scaling is {rule!r}; expected "sqrt", "linear" or None')
-    _count(old_batch=old_batch, new_batch=new_batch)
-    ratio = new_batch / old_batch
-    return lr if rule is None or ratio == 1 else lr * (math.sqrt(ratio) if rule == "sqrt" else ratio)
-
-
-def accumulation_for(effective_batch: int, batch_size: int) -> int:
-    """Loader batches to accumulate per optimizer step so a step sees about ``effective_batch`` samples.
-
-    The rule: ``ceil(effective_batch / batch_size)``, so a step never sees fewer samples than the
-    user asked for. When it does not divide, a step sees ``accumulate * batch_size`` samples, less
-    than one loader batch more than asked (the loop weights the window by samples, so the gradient
-    is the mean over all of them), and the LR follows that effective batch (:func:`scale_lr`).
-    Used only where the user set an effective batch (``accumulate_grad_batches > 1``); otherwise
-    accumulation stays 1 and the LR rule alone covers the new batch. To keep a batch exactly,
-    split it instead (:func:`split_plan`).
-
-    Example:
-        >>> accumulation_for(256, 64), accumulation_for(256, 100), accumulation_for(64, 256)
-        (4, 3, 1)
-    """
-    _count(effective_batch=effective_batch, batch_size=batch_size)
-    return -(-effective_batch // batch_size)
-
-
-def split_plan(batch_size: int, micro_batch_size: int | None) -> list[int]:
-    """The micro-batch sizes one batch is cut into: consecutive pieces of ``micro_batch_size``, the
-    remainder last (as the loop's ``split_micro_batches`` cuts). None or >= the batch: one piece.
-
-    Example:
-        >>> split_plan(10, 4), split_plan(8, None), split_plan(3, 8)
-        ([4, 4, 2], [8], [3])
-    """
-    _count(batch_size=batch_size, **({} if micro_batch_size is None else {"micro_batch_size": micro_batch_size}))
-    if micro_batch_size is None or micro_batch_size >= batch_size:
-        return [batch_size]
-    full, rest = divmod(batch_size, micro_batch_size)
-    return [micro_batch_size] * full + ([rest] if rest else [])
-
-
-def halve_micro_batch(current: int | None, batch_size: int) -> int:
-    """The OOM back-off: the next micro-batch size after ``current`` (None: unsplit) ran out of memory.
-
-    ``ceil(current / 2)`` (so 7 -> 4: pieces of 4 and 3, not three pieces). Raises
-    :class:`BatchSizeError` at 1: nothing smaller is left to try.
-
-    Example:
-        >>> halve_micro_batch(None, 64), halve_micro_batch(7, 64), halve_micro_batch(2, 64)
-        (32, 4, 1)
-    """
-    _count(batch_size=batch_size, **({} if current is None else {"current": current}))
-    size = batch_size if current is None else min(current, batch_size)
-    if size == 1:
-        raise BatchSizeError(f"out of memory with micro-batches of 1 sample (batch size {batch_size}): nothing "
-                             "smaller to try; use a smaller model, a lower precision, or free device memory")
-    return -(-size // 2)
-
-
-def agree_batch_size(sizes_per_rank: Iterable[int]) -> int:
-    """The batch size every rank can run: the minimum of each rank's choice (the distributed seam:
-    all-gather each rank's ``chosen``, then call this on every rank, so all agree).
-
-    Example:
-        >>> agree_batch_size([256, 240, 256])
-        240
-    """
-    sizes = list(sizes_per_rank)
-    if not sizes:
-        raise ValueError("sizes_per_rank is empty; expected one batch size per rank")
-    _count(**{f"sizes_per_rank[{i}]": s for i, s in enumerate(sizes)})
-    return min(sizes)
-
-
-def _count(**values: object) -> None:
-    """Each value must be an int >= 1 (bools are not sizes); the message names the argument."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} is {value!r}; expected an int >= 1")
