@@ -73,8 +73,8 @@ def test_callbacks_run_in_order_and_only_overridden_hooks_are_registered():
             calls.append("B")
 
     callbacks = CallbackList([A(), B()])
-    assert [type(cb).__name__ for cb in callbacks._by_event["before_fit"]] == ["B", "A"]
-    assert callbacks._by_event["after_batch"] == []
+    assert [type(cb).__name__ for cb in callbacks.hooks["before_fit"]] == ["B", "A"]
+    assert callbacks.hooks["after_batch"] == []
     fit([A(), B()], epochs=1)
     assert calls == ["B", "A"]
     assert "before_fit" in callbacks.describe() and "B, A" in callbacks.describe()

@@ -95,6 +95,11 @@ def test_a_val_loader_whose_shapes_do_not_fit_fails_before_the_first_step():
 def test_the_sanity_pass_leaves_every_rng_and_the_val_loaders_generator_as_it_was():
     trainer = make()
     val = loader(shuffle=True)
+    unseeded = DataLoader(data.classification(n=32), batch_size=8, shuffle=True)  # shuffles from the global RNG
+    trainer.state.val_loader = unseeded
+    before = rng_state()
+    trainer._sanity_check()
+    assert torch.equal(before["torch"], rng_state()["torch"])  # iter() drew a seed from it; it was put back
     trainer.state.val_loader = val
     before, before_loader = rng_state(), loader_rng_state(val)
     assert trainer._sanity_check() == ["val_loss"]
@@ -163,3 +168,11 @@ def test_fast_dev_run_trains_and_validates_a_few_batches_end_to_end():
 def test_slow_cpu_precisions_are_named():
     assert "no fast float16 kernels" in slow_cpu_precision("16-mixed")
     assert slow_cpu_precision("32") is None
+
+
+def test_the_sanity_pass_starts_no_persistent_workers_before_the_signal_handler_sets_them_up():
+    val = DataLoader(data.classification(n=32), batch_size=8, num_workers=1, persistent_workers=True)
+    trainer = make()
+    trainer.state.val_loader = val
+    assert trainer._sanity_check() == ["val_loss"]
+    assert val._iterator is None  # the pass read a non-persistent copy; this loader forked nothing yet

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +151,72 @@ def test_run_step_is_the_step_fit_takes():
     stepped.run_step(batch)
     assert stepped.state.global_step == 1 and stepped.state.epoch_samples == 0
     assert all(torch.equal(a, b) for a, b in zip(weights(stepped), weights(reference)))
+
+
+class KeepsActivation(OOMAt):
+    """Fails its first forward after making a tensor; the test checks the retry could free it."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_calls={1})
+        self.made = None
+
+    def forward(self, x):
+        if self.calls == 0:
+            activation = self.net[0](x)
+            self.made = weakref.ref(activation)
+        return super().forward(x)
+
+
+class ChecksFreed(HalvingTrainer):
+    def on_out_of_memory(self, error: BaseException) -> None:
+        gc.collect()
+        self.freed = self.model.made() is None  # the failed attempt's activations are gone before the retry
+        super().on_out_of_memory(error)
+
+
+def test_the_failed_attempts_tensors_are_freed_before_the_retry():
+    trainer = fit(KeepsActivation(), cls=ChecksFreed, halve=False, epochs=1)
+    assert trainer.ooms == 1 and trainer.freed
+
+
+def test_accumulation_under_16_mixed_does_not_scale_gradients_by_the_batch_size():
+    """Losses are weighted by their share of the window's first batch (about 1), not by the batch size:
+    fp16 gradients multiplied by 256 overflowed and the GradScaler skipped steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), progress=False,
+                      device="cpu", precision="16-mixed", accumulate_grad_batches=2, max_epochs=2)
+    trainer.fit(data.loader(data.classification(n=1536), batch_size=256))
+    assert trainer.state.global_step == 6 and trainer.state.skipped_steps == 0
+
+
+class WindowAtStep(Callback):
+    tracked = None
+
+    def before_step(self, trainer: Trainer) -> None:
+        if self.tracked is None:  # the first window: 3 loader batches
+            self.tracked = list(trainer.state.window.tracked)
+
+
+def test_without_metrics_the_window_keeps_no_outputs():
+    seen = WindowAtStep()
+    fit(OOMAt(), accumulate=3, epochs=1, callbacks=[seen])
+    assert len(seen.tracked) == 3 and all(entry[2] is None and entry[3] is None for entry in seen.tracked)
+    assert all(not entry[0].requires_grad for entry in seen.tracked)
+
+
+def test_run_step_fires_no_events_unless_asked():
+    class Steps(Callback):
+        count = 0
+
+        def after_step(self, trainer):
+            Steps.count += 1
+
+    model = OOMAt()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), progress=False,
+                      device="cpu", callbacks=[Steps()])
+    batch = next(iter(data.loader(data.classification(n=8), batch_size=8)))
+    trainer.run_step(batch)
+    assert Steps.count == 0 and trainer.state.global_step == 1
+    trainer.run_step(batch, events=True)
+    assert Steps.count == 1

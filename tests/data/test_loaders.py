@@ -121,3 +121,31 @@ def test_data_and_compute_time_are_in_every_record():
     for record in trainer.state.history.records:
         assert record["data_time"] >= 0 and record["compute_time"] > 0
         assert record["data_time"] + record["compute_time"] <= record["epoch_time"] * 1.01 + 1e-3
+
+
+def test_a_swap_that_changes_the_steps_of_a_per_step_schedule_is_refused():
+    import functools
+
+    from adaptrain import ConfigError
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), progress=False,
+                      device="cpu", max_epochs=3, callbacks=[SwapLoader(at=1, batch_size=4)],
+                      scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1))
+    with pytest.raises(ConfigError, match=r"changes the optimizer steps per epoch from 6 to 12, but the per-step "
+                                          r"OneCycleLR was planned for the old count"):
+        trainer.fit(data.loader(data.classification(n=48), batch_size=8, shuffle=True))
+    assert trainer.state.epoch == 1  # refused at the epoch boundary, before any step of the new loader
+
+
+def test_fast_dev_run_from_a_checkpoint_runs_one_more_short_epoch():
+    trainer, _ = run(epochs=2)
+    saved = trainer.state.snapshot()  # the contents of a checkpoint at epoch 2 (fit accepts them)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+    resumed = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(), progress=False,
+                      device="cpu", max_epochs=4, fast_dev_run=2)
+    resumed.fit(data.loader(data.classification(n=48), batch_size=8, shuffle=True), ckpt_path=saved)
+    assert resumed.state.epoch == 3 and resumed.state.global_step == 12 + 2
+    assert resumed.state.max_epochs == 4  # the user's setting is left as it was

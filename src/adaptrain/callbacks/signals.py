@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptrain.core.callback import Callback
+from adaptrain.core.callback import Callback, CheckpointSaver
 from adaptrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -113,10 +113,8 @@ class SignalHandler(Callback):
         self._blocked = False  # the main thread holds the signals while a loader starts its workers
 
     def before_fit(self, trainer: Trainer) -> None:
-        from adaptrain.callbacks.checkpointing import ModelCheckpoint
-
         if self.checkpoint is None:
-            found = trainer.callbacks.find(ModelCheckpoint)
+            found = trainer.callbacks.find(CheckpointSaver)
             if not found:
                 raise ConfigError("SignalHandler(checkpoint=...)", "is None and the trainer has no ModelCheckpoint "
                                   "to save with; add ModelCheckpoint(...) to callbacks.")

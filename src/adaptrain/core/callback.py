@@ -78,9 +78,14 @@ class Callback:
 
 
 class CheckpointSaver(Callback):
-    """A callback that writes checkpoints; ``fit(ckpt_path="last")`` resumes from its :meth:`last_path`."""
+    """A callback that writes checkpoints; ``fit(ckpt_path="last")`` resumes from its :meth:`last_path`,
+    and the signal handler saves through :meth:`save_now`."""
 
     def last_path(self, trainer: Trainer) -> Path:
+        raise NotImplementedError
+
+    def save_now(self, trainer: Trainer) -> Path:
+        """Write the last checkpoint for the current point (a step or epoch boundary); returns its path."""
         raise NotImplementedError
 
 
@@ -118,7 +123,7 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks: list[Callback] = []
-        self._by_event: dict[str, list[Callback]] = {event: [] for event in EVENTS}
+        self.hooks: dict[str, list[Callback]] = {event: [] for event in EVENTS}  # event -> who implements it
         self._sinks: list[Callback] = []
         for callback in callbacks:
             self.add(callback)
@@ -133,11 +138,11 @@ class CallbackList:
             warnings.warn(problem, stacklevel=3)
         self.callbacks.append(callback)
         self.callbacks.sort(key=lambda cb: cb.order)  # stable: ties keep insertion order
-        self._by_event = {event: [cb for cb in self.callbacks if overrides(cb, event)] for event in EVENTS}
+        self.hooks.update({event: [cb for cb in self.callbacks if overrides(cb, event)] for event in EVENTS})
         self._sinks = [cb for cb in self.callbacks if overrides(cb, "log_metrics")]
 
     def fire(self, event: str, trainer: Trainer) -> None:
-        for callback in self._by_event[event]:
+        for callback in self.hooks[event]:
             try:
                 getattr(callback, event)(trainer)
             except Exception as error:
@@ -157,7 +162,7 @@ class CallbackList:
         """Which callbacks run at each event, in order (the wiring, for users to read)."""
         lines = []
         for event in EVENTS:
-            names = [type(cb).__name__ for cb in self._by_event[event]]
+            names = [type(cb).__name__ for cb in self.hooks[event]]
             if names:
                 lines.append(f"{event:<24} {', '.join(names)}")
         return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import traceback
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -29,7 +30,7 @@ from adaptrain.core.events import CANCEL_EXCEPTIONS, CancelEpochException, Cance
 from adaptrain.core.losses import split_loss
 from adaptrain.core.metrics import WeightedMean
 from adaptrain.core.state import rng_state, set_rng_state
-from adaptrain.data.loaders import loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
+from adaptrain.data.loaders import LoaderSpec, loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
 from adaptrain.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 
 _STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{stage}") for stage in CANCEL_EXCEPTIONS}
+AFTER_BACKWARD = Event.AFTER_BACKWARD.value
 
 
 class TrainingLoop:
@@ -84,6 +86,7 @@ class TrainingLoop:
         state.window.clear()
         state.train_sums.reset()
         state.running, state.data_time, state.compute_time = {}, 0.0, 0.0
+        state.in_train_phase = True
         length = loader_length(state.train_loader)
         state.num_batches = min(length, self.limit_batches) if length is not None and self.limit_batches else length
         epoch_start = time.perf_counter()
@@ -94,7 +97,9 @@ class TrainingLoop:
             for batch in self._limited(batches):
                 compute_start = time.perf_counter()
                 state.data_time += compute_start - fetch_start
-                samples = batch_size_of(*unpack_batch(batch, "train_loader"))  # the position counts what was fetched
+                inputs, targets = unpack_batch(batch, "train_loader")
+                samples = state.batch_samples = batch_size_of(inputs, targets)  # the position counts what was fetched
+                state.unpacked = (batch, inputs, targets)
                 state.batch, state.batch_idx = batch, state.batch_idx + 1
                 state.epoch_samples += samples
                 state.samples_seen += samples
@@ -107,6 +112,8 @@ class TrainingLoop:
         except BaseException:
             shutdown_workers(batches)  # workers that ignore SIGTERM would otherwise block exit
             raise
+        finally:
+            state.in_train_phase = False
         self._close_train_phase(epoch_start, state.samples_seen - samples_before)
 
     def _epoch_batches(self) -> Iterator[Any]:
@@ -137,14 +144,14 @@ class TrainingLoop:
 
     def _train_batch(self) -> None:
         state = self.state
-        inputs, targets = unpack_batch(state.batch, "train_loader")  # before_batch may have replaced the batch
-        state.batch_samples = batch_size_of(inputs, targets)
+        fetched, inputs, targets = state.unpacked
+        if state.batch is not fetched:  # before_batch replaced the batch
+            inputs, targets = unpack_batch(state.batch, "train_loader")
+            state.batch_samples = batch_size_of(inputs, targets)
         state.window.batches.append((inputs, targets, state.batch_idx, state.batch_samples))
-        try:
-            self._accumulate(inputs, targets, state.batch_idx, state.batch_samples)
-        except OOM_ERRORS as error:
-            self._recompute_window(error)
-        self.callbacks.fire(Event.AFTER_BACKWARD.value, self)
+        self._accumulate_or_recompute(inputs, targets, state.batch_idx, state.batch_samples)
+        if self._hooks[AFTER_BACKWARD]:
+            self.callbacks.fire(AFTER_BACKWARD, self)
         window_full = state.batch_idx % state.accumulate_grad_batches == 0
         if window_full or state.batch_idx == state.num_batches:
             if state.window.samples:
@@ -154,11 +161,25 @@ class TrainingLoop:
         if state.batch_idx % self.log_every_n_steps == 0:
             self._refresh()
 
+    def _accumulate_or_recompute(self, inputs: Any, targets: Any, tag: int, batch_samples: int) -> None:
+        try:
+            self._accumulate(inputs, targets, tag, batch_samples)
+            return
+        except OOM_ERRORS as error:
+            failed = error
+        # Outside the except block, with the traceback's frames cleared: they hold the failed attempt's
+        # activations, which must be freed before the retry (PyTorch FAQ, "OOM handler can't free memory").
+        traceback.clear_frames(failed.__traceback__)
+        self._recompute_window(failed)
+
     def _accumulate(self, inputs: Any, targets: Any, tag: int, batch_samples: int) -> None:
         """Forward and backward of one loader batch, micro-batch by micro-batch, into ``.grad``."""
-        state = self.state
-        weighted = self._weighted_window()
-        micro_batches = split_micro_batches(inputs, targets, self.micro_batch_size)
+        state, window = self.state, self.state.window
+        micro_batches = split_micro_batches(inputs, targets, state.micro_batch_size)
+        if not window.samples:  # the first batch of the window decides (a recompute starts the window again)
+            window.weighted = state.accumulate_grad_batches > 1 or len(micro_batches) > 1
+            window.reference = batch_samples
+        keep_outputs = bool(state.train_sums.metrics.entries)  # metrics need them at commit; nothing else does
         for micro_inputs, micro_targets in micro_batches:
             outputs, loss, parts = self._forward(micro_inputs, micro_targets, "train_loader")
             size = batch_size_of(micro_inputs, micro_targets) if len(micro_batches) > 1 else batch_samples
@@ -166,31 +187,29 @@ class TrainingLoop:
             if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
                 state.skipped_batches += 1
                 continue
-            state.window.tracked.append((loss, parts, outputs, micro_targets, size, tag))
-            # Weighted by size, so dividing the window's gradient by its samples gives one big batch's.
-            state.precision.backward(loss * size if weighted else loss)
-            state.window.samples += size
+            window.tracked.append((loss.detach(), parts, _detached(outputs) if keep_outputs else None,
+                                   micro_targets if keep_outputs else None, size, tag))
+            # Weighted by its share of the window's first batch (about 1, so fp16 gradients do not grow
+            # with the batch size); _step divides by samples / reference: one big batch's gradient.
+            state.precision.backward(loss * (size / window.reference) if window.weighted else loss)
+            window.samples += size
 
-    def run_step(self, batch: Any) -> None:
+    def run_step(self, batch: Any, events: bool = False) -> None:
         """One optimizer step on ``batch`` through the loop's own path (micro-batches, precision, clipping,
         OOM recompute, the step stage). For measuring trials (bench, tune, batch-size search): the step
         counts (``global_step``), the epoch position does not move; wrap it in ``state.snapshot()`` /
-        ``state.restore()`` when the model must come out unchanged."""
+        ``state.restore()`` when the model must come out unchanged. The step stage's events fire only with
+        ``events=True`` (a trial must not make a logger open a run or a checkpoint be written)."""
         state = self.state
         self.model.train()
+        state.optimizer.zero_grad(set_to_none=True)  # a half-accumulated window must not leak into the trial
         inputs, targets = unpack_batch(batch, "batch")
-        state.batch_samples = batch_size_of(inputs, targets)
+        state.batch, state.batch_samples = batch, batch_size_of(inputs, targets)
         state.window.clear()
         state.window.batches.append((inputs, targets, 0, state.batch_samples))
-        try:
-            self._accumulate(inputs, targets, 0, state.batch_samples)
-        except OOM_ERRORS as error:
-            self._recompute_window(error)
+        self._accumulate_or_recompute(inputs, targets, 0, state.batch_samples)
         if state.window.samples:
-            self._step()
-
-    def _weighted_window(self) -> bool:
-        return self.state.accumulate_grad_batches > 1 or self.micro_batch_size is not None
+            self._step(events=events)
 
     def _recompute_window(self, error: BaseException) -> None:
         """After an OOM: free what the failed attempt held, let the policy shrink the micro-batch
@@ -209,6 +228,7 @@ class TrainingLoop:
                 return
             except OOM_ERRORS as again:
                 error = again
+            traceback.clear_frames(error.__traceback__)
 
     def on_out_of_memory(self, error: BaseException) -> None:
         """Called by the step after an OOM: shrink what the step needs, or raise. Here: raise.
@@ -237,18 +257,22 @@ class TrainingLoop:
                                 data_time=state.data_time, compute_time=state.compute_time)
 
     # ------------------------------------------------------------------ the optimizer step
-    def _step(self) -> None:
+    def _step(self, events: bool = True) -> None:
         """Gradients of the window made true (averaged, unscaled, clipped), then the step stage."""
-        state = self.state
-        if self._weighted_window():
+        state, window = self.state, self.state.window
+        if window.weighted:
             grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, 1.0 / state.window.samples)
+            torch._foreach_mul_(grads, window.reference / window.samples)
         state.precision.unscale(state.optimizer)  # before_step sees true gradients; GradScaler.step reuses found_inf
         if self.gradient_clip_val is not None:
             params = [p for group in state.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
-        self._with_events("step", self._apply_step, on_cancel=self._drop_step)
-        self._raise_interrupt()
+        if events:
+            self._with_events("step", self._apply_step, on_cancel=self._drop_step)
+        else:
+            self._apply_step()
+        if state.interrupt is not None:
+            self._raise_interrupt()
 
     def _apply_step(self) -> None:
         state = self.state
@@ -271,7 +295,8 @@ class TrainingLoop:
 
     def _forward(self, inputs: Any, targets: Any, loader_name: str) -> tuple[Any, torch.Tensor, dict]:
         """Move the batch, run the model and the criterion; errors name the culprit."""
-        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        if self.device.type != "cpu":  # loaders yield CPU tensors: on the CPU there is nothing to move
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         with self.state.precision.autocast():
             try:
                 outputs = call_model(self._forward_model, inputs)
@@ -316,8 +341,13 @@ class TrainingLoop:
         shuffling val loader included) and fires no events. Returns the val_ keys validation records."""
         state = self.state
         saved, loader_state = rng_state(), loader_rng_state(state.val_loader)
+        loader = state.val_loader
+        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0):
+            # Workers forked now would live on for every validation, started before the signal handler
+            # sets them up: the sanity pass reads from a non-persistent copy (same generator) instead.
+            loader = LoaderSpec.from_loader(loader).build(persistent_workers=False)
         try:
-            values = self._run_eval(itertools.islice(state.val_loader, SANITY_VAL_BATCHES), "val", "val_loader")
+            values = self._run_eval(itertools.islice(loader, SANITY_VAL_BATCHES), "val", "val_loader")
         finally:
             set_rng_state(saved)
             set_loader_rng_state(state.val_loader, loader_state)
@@ -349,14 +379,17 @@ class TrainingLoop:
     def _with_events(self, stage: str, run: Callable[[], None], on_cancel: Callable[[], None] | None = None) -> None:
         """before_<stage>, the stage, after_cancel_<stage> if it was cancelled, after_<stage>."""
         before, after_cancel, after = _STAGE_EVENTS[stage]
+        hooks = self._hooks  # event -> the callbacks implementing it: empty events cost one lookup
         try:
-            self.callbacks.fire(before, self)  # a before_ hook may cancel the stage
+            if hooks[before]:
+                self.callbacks.fire(before, self)  # a before_ hook may cancel the stage
             run()
         except CANCEL_EXCEPTIONS[stage]:
             if on_cancel is not None:
                 on_cancel()
             self.callbacks.fire(after_cancel, self)
-        self.callbacks.fire(after, self)
+        if hooks[after]:
+            self.callbacks.fire(after, self)
 
     def _raise_interrupt(self) -> None:
         """A callback asked to stop (a signal): raise it once every callback has seen this step or epoch end."""
@@ -384,3 +417,15 @@ def _ordered_record(logs: dict[str, Any]) -> dict[str, Any]:
     rank = {"epoch": 0, "lr": 1}
     return dict(sorted(logs.items(), key=lambda kv: rank.get(kv[0], 2 if kv[0].startswith("train_")
                                                               else 3 if kv[0].startswith("val_") else 4)))
+
+
+def _detached(outputs: Any) -> Any:
+    """Outputs without their autograd graph (metrics only read them)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    if isinstance(outputs, dict):
+        return {k: _detached(v) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_detached(v) for v in outputs) if not hasattr(outputs, "_fields") else \
+            type(outputs)(*(_detached(v) for v in outputs))
+    return outputs

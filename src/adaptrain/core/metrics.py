@@ -41,7 +41,8 @@ class WeightedMean:
         self._tags: list[int] = []
 
     def update(self, value: torch.Tensor, weight: int, tag: int = -1) -> None:
-        self._values.append(value.detach())
+        value = value.detach()
+        self._values.append(value if value.dim() == 0 else value.reshape(()))  # 0-d: flush stacks them as they are
         self._weights.append(weight)
         self._tags.append(tag)
         self.count += weight
@@ -51,7 +52,7 @@ class WeightedMean:
         non-finite value (a host-device sync), else None."""
         if not self._values:
             return None
-        values = torch.stack([v.reshape(()) for v in self._values]).float()
+        values = torch.stack(self._values).float()
         weights = torch.tensor(self._weights, dtype=torch.float32).to(values.device, non_blocking=True)
         folded = (values * weights).sum()
         self.total = folded if self.total is None else self.total + folded

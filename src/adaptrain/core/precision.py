@@ -83,6 +83,7 @@ class MixedPrecision(Precision):
         self.name = "16-mixed" if dtype == torch.float16 else "bf16-mixed"
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self._unscaled = False
+        self._scale: float | None = None  # the scale after the last update, read once per step
 
     def autocast(self) -> ContextManager[Any]:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
@@ -99,19 +100,21 @@ class MixedPrecision(Precision):
         if self.scaler is None:
             optimizer.step()
             return True
-        # GradScaler.step already reads found_inf on the host (a sync), so comparing scales adds none:
-        # the scale only drops when the step was skipped.
-        scale_before = self.scaler.get_scale()
+        # The scale only drops when the step was skipped. Reading it is a host-device sync: the scale
+        # after each update is kept, so a step costs one read (after update), not two.
+        scale_before = self._scale if self._scale is not None else self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
         self._unscaled = False
-        return self.scaler.get_scale() >= scale_before
+        self._scale = self.scaler.get_scale()
+        return self._scale >= scale_before
 
     def cancel_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler and self._unscaled:
             # GradScaler refuses a second unscale_ before update(); update() with the recorded inf
             # check is what ends its step, at the cost of one scale adjustment for the dropped step.
             self.scaler.update()
+            self._scale = None
         self._unscaled = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,6 +123,7 @@ class MixedPrecision(Precision):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+            self._scale = None
 
 
 def resolve_precision(precision: str | Precision, device: torch.device) -> Precision:

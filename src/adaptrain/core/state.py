@@ -40,9 +40,13 @@ class Window:
     batches: list[tuple] = field(default_factory=list)  # (inputs, targets, batch index, samples)
     samples: int = 0  # samples whose gradients are in .grad, waiting for the step
     tracked: list[tuple] = field(default_factory=list)  # (loss, parts, outputs, targets, batch size, batch index)
+    weighted: bool = False  # losses scaled by their share of `reference` samples (accumulation or micro-batches)
+    reference: int = 1  # samples of the window's first batch
 
     def clear(self) -> None:
-        self.batches, self.samples, self.tracked = [], 0, []
+        self.batches.clear()
+        self.tracked.clear()
+        self.samples, self.weighted, self.reference = 0, False, 1
 
 
 @dataclass
@@ -57,6 +61,7 @@ class TrainState:
     scheduler_interval: str = "epoch"
     max_epochs: int = 1
     accumulate_grad_batches: int = 1
+    micro_batch_size: int | None = None  # split each batch into micro-batches of this size (None: unsplit)
     # -- position: what has been trained (a checkpoint's "counters")
     epoch: int = 0  # epochs completed; the running epoch is epoch + 1 in records
     global_step: int = 0  # optimizer steps taken (skipped AMP steps included)
@@ -76,6 +81,7 @@ class TrainState:
     data_time: float = 0.0  # seconds this epoch spent waiting for the train loader
     compute_time: float = 0.0  # seconds this epoch spent in forward/backward/step
     num_batches: int | None = None  # len(train_loader) this epoch, when it has one
+    in_train_phase: bool = False  # the train loop is running (a loader swap then waits for the next epoch)
     train_loader: Any = None
     val_loader: Any = None
     next_train_loader: Any = None  # swapped in at the next epoch start (Trainer.replace_train_loader)
@@ -89,6 +95,7 @@ class TrainState:
     interrupt: BaseException | None = None
     batch: Any = None
     batch_samples: int = 0  # samples in state.batch
+    unpacked: tuple = (None, None, None)  # (batch, inputs, targets) as fetched: unpacked once per batch
     outputs: Any = None
     loss: torch.Tensor | None = None
     exception: BaseException | None = None
@@ -102,12 +109,14 @@ class TrainState:
         return self.batch_idx > 0
 
     def counters(self) -> dict[str, Any]:
-        return {**{name: getattr(self, name) for name in COUNTERS}, "step_lr": self.step_lr}
+        return {**{name: getattr(self, name) for name in COUNTERS}, "step_lr": self.step_lr,
+                "micro_batch_size": self.micro_batch_size}
 
     def load_counters(self, counters: dict[str, Any]) -> None:
         for key in COUNTERS:
             setattr(self, key, int(counters.get(key, 0)))
         self.step_lr = counters.get("step_lr")
+        self.micro_batch_size = counters.get("micro_batch_size", self.micro_batch_size)
 
     # ------------------------------------------------------------------ checkpoint contents
     def meta(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from adaptrain.core.settings import check_trainer_settings, setting_error
 from adaptrain.core.state import TrainState, seed_everything
 from adaptrain.data.loaders import LoaderSpec, loader_length
 from adaptrain.distributed import env as distributed
+from adaptrain.errors import ConfigError
 
 
 class Trainer(TrainingLoop):
@@ -118,7 +119,6 @@ class Trainer(TrainingLoop):
         self.nan_policy = nan_policy
         self.log_every_n_steps = log_every_n_steps
         self.limit_batches: int | None = int(fast_dev_run) or None  # batches per epoch and per validation
-        self.micro_batch_size: int | None = None  # split each batch into micro-batches of this size (None: don't)
         self._forward_model = torch.compile(model) if compile else model
         self._schedule = LRSchedule(scheduler)
         callbacks = list(callbacks or [])
@@ -128,8 +128,18 @@ class Trainer(TrainingLoop):
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device, precision=self.precision,
                                 train_sums=RunningSums(self.metric_specs, self.device), callbacks=self.callbacks,
                                 max_epochs=max_epochs, accumulate_grad_batches=accumulate_grad_batches)
+        self._hooks = self.callbacks.hooks  # the loop skips events nobody implements
         self.val_metrics = MetricSet(self.metric_specs, self.device)
         self.is_global_zero = distributed.is_global_zero()
+
+    @property
+    def micro_batch_size(self) -> int | None:
+        """Samples per micro-batch (None: batches are not split); checkpointed with the state."""
+        return self.state.micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, size: int | None) -> None:
+        self.state.micro_batch_size = size
 
     @property
     def train_metrics(self) -> MetricSet:
@@ -154,8 +164,6 @@ class Trainer(TrainingLoop):
         if self.seed is not None:
             seed_everything(self.seed)
         # Everything that can be wrong is checked here, before the first step.
-        if self.limit_batches:
-            state.max_epochs = state.epoch + 1  # a dry run: one short epoch
         state.steps_per_epoch = self._steps_per_epoch(train_loader)
         self._schedule.setup(state)
         if self.device.type == "cuda":
@@ -166,6 +174,9 @@ class Trainer(TrainingLoop):
                 warnings.warn(f"fit(ckpt_path=...): the checkpoint is at epoch {state.epoch} and max_epochs is "
                               f"{state.max_epochs}: nothing left to train. Raise max_epochs to train more.")
         self._preflight(fresh=ckpt_path is None and state.epoch == 0)
+        planned_epochs = state.max_epochs
+        if self.limit_batches:
+            state.max_epochs = state.epoch + 1  # a dry run: one short epoch from wherever the run is
         try:
             self._with_events("fit", self._fit_epochs)
             self._raise_interrupt()  # a signal seen in after_fit
@@ -173,6 +184,8 @@ class Trainer(TrainingLoop):
             state.exception = error
             self.callbacks.fire(Event.EXCEPTION.value, self)
             raise
+        finally:
+            state.max_epochs = planned_epochs
         return state.history
 
     def validate(self, loader: Iterable) -> dict[str, float]:
@@ -224,11 +237,18 @@ class Trainer(TrainingLoop):
             8
         """
         state = self.state
+        current = state.next_train_loader if state.next_train_loader is not None else state.train_loader
         if loader is None:
-            loader = LoaderSpec.from_loader(state.next_train_loader or state.train_loader).build(**changes)
+            loader = LoaderSpec.from_loader(current).build(**changes)
         elif changes:
             raise TypeError("replace_train_loader(): pass a loader or changes to the current one, not both.")
-        if state.num_batches is not None and 0 < state.batch_idx < state.num_batches:
+        steps = self._steps_per_epoch(loader)
+        if state.scheduler is not None and state.scheduler_interval == "step" and steps != state.steps_per_epoch:
+            raise ConfigError("replace_train_loader(...)", f"changes the optimizer steps per epoch from "
+                              f"{state.steps_per_epoch} to {steps}, but the per-step {type(state.scheduler).__name__} "
+                              "was planned for the old count and would overrun or end early; keep the steps per "
+                              "epoch (batch size and accumulation), or use an epoch-interval scheduler.")
+        if state.in_train_phase:
             state.next_train_loader = loader  # mid-epoch: the running epoch keeps its loader
         else:
             self._install_train_loader(loader)
