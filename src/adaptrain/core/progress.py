@@ -240,7 +240,7 @@ class ProgressBar(Callback):
 
     order = 100  # after every other callback, so summaries include what they added
 
-    def __init__(self, console: Console | None = None, min_interval_s: float = 0.25,
+    def __init__(self, console: Console | None = None, min_interval_s: float = 0.5,
                  plain_every: str | int | None = "10%", plain_min_s: float = 5.0) -> None:
         self.console = console or Console()
         self.min_interval_s = min_interval_s
