@@ -84,13 +84,19 @@ def _signal_in_worker_start(arm: Path) -> None:
     signal_handling._set_worker_signal_handlers = install_then_signal
 
 
-def _slow_writes(delay: float) -> None:
-    """Sleep ``delay`` after every 4 KiB of a checkpoint write, and say when a write begins."""
+def _slow_writes(delay: float, hold: bool = False) -> None:
+    """Sleep ``delay`` after every 4 KiB of a checkpoint write, and say when a write begins.
+
+    With ``hold``, a write that has begun stops there (its first bytes are in the temporary file)
+    until the process is killed: a kill "inside a checkpoint write" that does not depend on timing.
+    """
     seen = [0]
 
     def hook(written: int) -> None:
         if written < seen[0] or seen[0] == 0:  # the count went back: a new file
             _say("writing")
+            while hold:
+                time.sleep(60)
         if written // 4096 > seen[0] // 4096:
             time.sleep(delay)
         seen[0] = written
@@ -133,6 +139,7 @@ def run(argv: list[str], channel: Any = None) -> int:
     parser.add_argument("--every-n-steps", type=int, default=5)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--slow-write", type=float, default=0.0)
+    parser.add_argument("--hold-write", action="store_true", help="stop inside the first checkpoint write")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--new-session", action="store_true",
                         help="lead a process group of its own (with its loader workers): os.killpg reaches only them")
@@ -146,8 +153,8 @@ def run(argv: list[str], channel: Any = None) -> int:
         args.dir.mkdir(parents=True, exist_ok=True)
         _signal_in_worker_start(arm)
     torch.set_num_threads(1)  # the same reduction order in every process: bit-identical results
-    if args.slow_write:
-        _slow_writes(args.slow_write)
+    if args.slow_write or args.hold_write:
+        _slow_writes(args.slow_write, hold=args.hold_write)
     trainer, train, val = build(args.dir, args.epochs, args.every_n_steps, args.step_sleep, args.workers, arm)
     last = args.dir / "checkpoints" / "last.ckpt"
     try:

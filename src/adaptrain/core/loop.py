@@ -64,6 +64,9 @@ class TrainingLoop:
             self._raise_interrupt()
 
     def _run_epoch(self) -> None:
+        state = self.state
+        length = loader_length(state.train_loader)  # set before before_train: callbacks see this epoch's count
+        state.num_batches = min(length, self.limit_batches) if length is not None and self.limit_batches else length
         self._with_events("train", self._train_epoch)
         if self.state.val_loader is not None:
             self._with_events("validate", self._validate_epoch)
@@ -87,8 +90,6 @@ class TrainingLoop:
         state.train_sums.reset()
         state.running, state.data_time, state.compute_time = {}, 0.0, 0.0
         state.in_train_phase = True
-        length = loader_length(state.train_loader)
-        state.num_batches = min(length, self.limit_batches) if length is not None and self.limit_batches else length
         epoch_start = time.perf_counter()
         samples_before = state.samples_seen
         batches = self._epoch_batches()

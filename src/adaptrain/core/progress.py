@@ -270,7 +270,7 @@ class ProgressBar(Callback):
 
     def before_train(self, trainer: Trainer) -> None:
         state = trainer.state
-        self._total = _length(state.train_loader)
+        self._total = state.num_batches  # the loader's length, or the dry run's limit
         self._samples = 0
         self._plain_batch, self._plain_time = state.batch_idx, 0.0  # a mid-epoch resume starts where it stopped
         self._first_batch = state.batch_idx
