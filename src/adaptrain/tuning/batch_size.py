@@ -14,8 +14,9 @@ numbers in, numbers out (the LR, accumulation and micro-batch rules live in
   bisects towards the memory edge if throughput still rose there, or spends up to 4 probes
   around the fastest, golden-section style on a log scale, if the peak is inside. The pick is
   the smallest batch whose samples/s is within ``tolerance`` of the fastest by more than the
-  measurement noise. On thousands of random throughput curves (``tests/tuning``) the pick gets
-  >= 0.95 of an exhaustive sweep's best in >= 99.5% of them with noise <= 1%, in <= 10 trials.
+  measurement noise. On 5000 random throughput curves (the tests' generator; ``benchmarks/
+  batch_size.py --part simulated``) the pick gets >= 0.95 of an exhaustive sweep's best in 99.8%
+  of them with noise <= 1% (98.9% with 2%), in <= 10 trials.
 
 A batch *fits* when its probe did not run out of memory and its peak memory is at most
 ``memory_fraction`` of the device's. Each probe counts against ``max_trials``. Noise: throughput
