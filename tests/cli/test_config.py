@@ -17,7 +17,7 @@ def config_file(tmp_path):
 def test_defaults_fill_every_section(config_file):
     config = load_config([config_file])
     assert config["optimizer"]["class_path"] == "torch.optim.SGD"
-    assert config["criterion"] == {"class_path": "torch.nn.CrossEntropyLoss", "init_args": {}}
+    assert config["criterion"] == {"class_path": "torch.nn.CrossEntropyLoss", "init_args": {}, "call": True}
     assert config["scheduler"] is None and config["callbacks"] == [] and config["loggers"] is None
     assert config["trainer"]["precision"] == "32" and config["trainer"]["accumulate_grad_batches"] == 1
     assert config["run_name"] is None and config["ckpt_path"] is None
