@@ -25,6 +25,14 @@ class BatchStructureError(TypeError):
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; names the epoch and step where it first appeared."""
 
+    @classmethod
+    def from_message(cls, message: str) -> NonFiniteLossError:
+        """An error with its own message (validation values, where no batch or step applies)."""
+        error = cls.__new__(cls)
+        error.epoch = error.step = error.batch_idx = None
+        FloatingPointError.__init__(error, message)
+        return error
+
     def __init__(self, epoch: int, step: int, batch_idx: int) -> None:
         self.epoch, self.step, self.batch_idx = epoch, step, batch_idx
         super().__init__(

@@ -572,3 +572,20 @@ def test_call_false_at_the_top_of_criterion_and_metrics_through_the_cli(tmp_path
     assert code == 0, err
     record = next(csv.DictReader(open(run_folders(tmp_path / "runs")[0] / "history.csv")))
     assert 0.0 <= float(record["train_acc"]) <= 1.0 and float(record["train_loss"]) > 0
+
+
+def test_an_empty_data_set_from_the_data_factory_is_named(tmp_path, capsys):
+    config = base_config(tmp_path / "runs", data={"class_path": "tests.cli_data.empty_data"})
+    code, _, err = run(["fit", "--config", write_config(tmp_path / "run.yaml", config)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "data.class_path returned an empty train data set (TensorDataset of 0 samples)" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fast_dev_run_from_the_command_line(tmp_path, capsys):
+    config = base_config(tmp_path / "runs")
+    code, _, err = run(["fit", "--config", write_config(tmp_path / "run.yaml", config), "trainer.max_epochs=5",
+                        "trainer.fast_dev_run=2", "loggers=null"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(run_folders(tmp_path / "runs")[0] / "history.csv")))
+    assert len(rows) == 1  # one short epoch, not five

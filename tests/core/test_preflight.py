@@ -176,3 +176,23 @@ def test_the_sanity_pass_starts_no_persistent_workers_before_the_signal_handler_
     trainer.state.val_loader = val
     assert trainer._sanity_check() == ["val_loss"]
     assert val._iterator is None  # the pass read a non-persistent copy; this loader forked nothing yet
+
+
+def nan_val_loader():
+    x = torch.randn(16, 8)
+    x[3] = float("nan")  # a NaN in the val data: the weights stay finite
+    return DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
+
+
+def test_a_nan_validation_value_raises_under_nan_policy_raise():
+    from adaptrain import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"validation at epoch 1 gave non-finite val_loss"):
+        make(max_epochs=2).fit(loader(), nan_val_loader())
+
+
+def test_under_nan_policy_skip_a_nan_validation_warns_and_is_never_the_best_checkpoint(tmp_path):
+    saver = ModelCheckpoint(tmp_path, monitor="val_loss", save_top_k=1)
+    with pytest.warns(UserWarning, match=r"validation at epoch 1 gave non-finite val_loss.*no checkpoint ranks it"):
+        make(max_epochs=2, nan_policy="skip", callbacks=[saver]).fit(loader(), nan_val_loader())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no "val_loss=nan" file kept as best

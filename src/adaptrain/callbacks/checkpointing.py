@@ -217,8 +217,8 @@ class ModelCheckpoint(CheckpointSaver):
 
     def _rank(self, name: str, value: float | None) -> list[str]:
         """Update best/recent/superseded for a new candidate ``name``; returns the names kept."""
-        if self.save_top_k == 0 or (self.monitor and value is None):
-            return []
+        if self.save_top_k == 0 or (self.monitor and (value is None or math.isnan(value))):
+            return []  # a NaN monitored value is never "best": only last.ckpt gets this point
         if self.monitor:
             scores = {**self.best, name: value}
             kept = self._ranked(scores) if self.save_top_k < 0 else self._ranked(scores)[:self.save_top_k]

@@ -86,6 +86,7 @@ class TrainerConfig:
     compile: bool = False
     log_every_n_steps: int = 20
     progress: bool = True
+    fast_dev_run: Any = False  # a dry run: true, or a number of train and val batches
 
 
 @dataclass

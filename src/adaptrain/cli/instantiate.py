@@ -276,19 +276,25 @@ def build_loaders(spec: Mapping[str, Any], seed: int | None = None, key: str = "
                           "(train, val[, test]) loaders or data sets, or a dict of them.")
     for name, part in parts.items():
         if isinstance(part, Dataset):
-            train = name == "train" and not isinstance(part, IterableDataset)
-            size = options.get("batch_size", 64) if name == "train" else options.get(
-                "eval_batch_size", options.get("batch_size", 64))
-            generator = _generator(seed) if train else None
-            parts[name] = DataLoader(part, batch_size=size, shuffle=train, generator=generator,
-                                     num_workers=options.get("num_workers", 0),
-                                     pin_memory=options.get("pin_memory", False))
+            parts[name] = _wrap_dataset(part, name, options, seed, key)
             used = True
     if options and not used:
         name = next(iter(options))
         raise ConfigError(f"{key}.{name}", f"is set, but {spec['class_path']} returns loaders that already have "
                           f"their own; pass it in {key}.init_args instead (or remove it).")
     return Loaders(**parts)
+
+
+def _wrap_dataset(part: Dataset, name: str, options: Mapping[str, Any], seed: int | None, key: str) -> DataLoader:
+    """A data set in a DataLoader with the data section's options (train: shuffled by a seeded generator)."""
+    train = name == "train" and not isinstance(part, IterableDataset)
+    if not isinstance(part, IterableDataset) and hasattr(part, "__len__") and len(part) == 0:
+        raise ConfigError(f"{key}.class_path", f"returned an empty {name} data set "
+                          f"({type(part).__name__} of 0 samples); expected at least one sample.")
+    size = options.get("batch_size", 64) if name == "train" else options.get(
+        "eval_batch_size", options.get("batch_size", 64))
+    return DataLoader(part, batch_size=size, shuffle=train, generator=_generator(seed) if train else None,
+                      num_workers=options.get("num_workers", 0), pin_memory=options.get("pin_memory", False))
 
 
 def _is_loader(obj: Any) -> bool:

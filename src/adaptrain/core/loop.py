@@ -333,7 +333,15 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ evaluation
     def _validate_epoch(self) -> None:
-        self.state.epoch_logs.update(self._run_eval(self._limited(self.state.val_loader), "val", "val_loader"))
+        values = self._run_eval(self._limited(self.state.val_loader), "val", "val_loader")
+        bad = sorted(key for key, value in values.items() if not math.isfinite(value))
+        if bad:  # the values are on the host already: no extra sync
+            message = (f"validation at epoch {self.state.epoch + 1} gave non-finite {', '.join(bad)} "
+                       "(a NaN/Inf in the val data, or weights that diverged)")
+            if self.nan_policy == "raise":
+                raise NonFiniteLossError.from_message(message + "; pass nan_policy='skip' to keep training.")
+            warnings.warn(message + "; no checkpoint ranks it as best.")
+        self.state.epoch_logs.update(values)
         self.state.validated = True
 
     def _sanity_check(self) -> list[str]:
