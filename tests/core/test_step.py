@@ -220,3 +220,26 @@ def test_run_step_fires_no_events_unless_asked():
     assert Steps.count == 0 and trainer.state.global_step == 1
     trainer.run_step(batch, events=True)
     assert Steps.count == 1
+
+
+def test_a_batch_cancelled_at_a_window_boundary_keeps_the_windows_boundaries():
+    from adaptrain import CancelBatchException
+
+    class CancelSecond(Callback):
+        def before_batch(self, trainer):
+            if trainer.state.batch_idx == 2:
+                raise CancelBatchException()
+
+    steps = CountBatches()
+    trainer = fit(OOMAt(), accumulate=2, epochs=1, callbacks=[CancelSecond(), steps])  # 5 batches of 8
+    assert steps.windows == [1, 2, 1] and trainer.state.global_step == 3  # [1] [3 4] [5], not [1 3 4] [5]
+
+
+class CountBatches(Callback):
+    """Loader batches (by index) whose gradients each optimizer step used."""
+
+    def __init__(self) -> None:
+        self.windows: list[int] = []
+
+    def before_step(self, trainer):
+        self.windows.append(len(trainer.state.window.batches))

@@ -241,10 +241,16 @@ class TrainingLoop:
     def _drop_cancelled_batch(self) -> None:
         """A batch cancelled after its backward but before its step: without accumulation its gradient
         would add to the next batch's (a double step), so it is dropped. With accumulation it stays in
-        the window, weighted by its size like any other batch."""
-        if self.state.accumulate_grad_batches == 1 and self.state.window.samples:
-            self.state.optimizer.zero_grad(set_to_none=True)
-            self.state.window.clear()
+        the window, weighted by its size like any other batch, and a window that ends at a cancelled
+        batch still steps there (windows keep their boundaries whatever is cancelled)."""
+        state = self.state
+        if not state.window.samples:
+            return
+        if state.accumulate_grad_batches == 1:
+            state.optimizer.zero_grad(set_to_none=True)
+            state.window.clear()
+        elif state.batch_idx % state.accumulate_grad_batches == 0 or state.batch_idx == state.num_batches:
+            self._step()
 
     def _close_train_phase(self, epoch_start: float, samples: int) -> None:
         """Step what the window holds (a loader that ran short, or a cancelled phase), record the values."""
