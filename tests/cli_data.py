@@ -95,3 +95,19 @@ def accuracy(outputs, targets):
 def empty_data():
     """A data factory whose train split is empty (a filter that matched nothing)."""
     return TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), None
+
+
+def edit(**changes: Any):
+    """A base-config edit for tests: dotted key -> new value (None deletes the key)."""
+    def apply(config: dict) -> dict:
+        for dotted, value in changes.items():
+            *parents, last = dotted.split(".")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            if value is None:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        return config
+    return apply

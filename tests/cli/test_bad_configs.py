@@ -10,13 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from adaptrain.cli.main import main
-from tests.cli_data import base_config, tiny_data, write_config
+from tests.cli_data import base_config, edit, tiny_data, write_config
 
 
 def train_only():
@@ -24,20 +23,6 @@ def train_only():
     return tiny_data()[0]
 
 
-def edit(**changes: Any) -> Callable[[dict], dict]:
-    """A base-config edit: dotted key -> new value (None deletes the key)."""
-    def apply(config: dict) -> dict:
-        for dotted, value in changes.items():
-            *parents, last = dotted.split(".")
-            node = config
-            for part in parents:
-                node = node.setdefault(part, {})
-            if value is None:
-                node.pop(last, None)
-            else:
-                node[last] = value
-        return config
-    return apply
 
 
 def _garbage(folder: Path) -> None:

@@ -17,7 +17,7 @@ import yaml
 
 from adaptrain import Callback
 from adaptrain.cli.main import main
-from tests.cli_data import base_config, tiny_datasets, write_config
+from tests.cli_data import base_config, edit, tiny_datasets, write_config
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -36,42 +36,28 @@ def config_file(tmp_path):
 
 
 # ---------------------------------------------------------------------- bad configs
-def _patch(**changes):
-    """A config edit: dotted key -> new value (None deletes the key)."""
-    def apply(config):
-        for dotted, value in changes.items():
-            *parents, last = dotted.split(".")
-            node = config
-            for part in parents:
-                node = node.setdefault(part, {})
-            if value is None:
-                node.pop(last, None)
-            else:
-                node[last] = value
-        return config
-    return apply
 
 
 BAD_CONFIGS = [  # id, edit of the base config (or raw YAML text), overrides, what the message must name
     ("file-not-found", "MISSING", [], "--config"),
     ("yaml-syntax", "model: {class_path: torch.nn.Linear\ndata: [1, 2\n", [], "line 2"),
     ("top-level-list", "- model\n- data\n", [], "(top level)"),
-    ("unknown-top-level-key", _patch(modle={"class_path": "x"}), [], 'modle is not a known key; did you mean "model"'),
+    ("unknown-top-level-key", edit(modle={"class_path": "x"}), [], 'modle is not a known key; did you mean "model"'),
     ("unknown-trainer-key", None, ["trainer.max_epocs=3"], 'did you mean "trainer.max_epochs"'),
     ("wrong-type-override", None, ["trainer.max_epochs=abc"], 'trainer.max_epochs is "abc"; expected an integer'),
-    ("wrong-type-in-file", _patch(**{"trainer.gradient_clip_val": "big"}), [], "trainer.gradient_clip_val"),
+    ("wrong-type-in-file", edit(**{"trainer.gradient_clip_val": "big"}), [], "trainer.gradient_clip_val"),
     ("wrong-bool", None, ["trainer.compile=maybe"], "trainer.compile"),
     ("bad-choice", None, ["trainer.precision=fp8"], "trainer.precision"),
     ("out-of-range", None, ["trainer.max_epochs=0"], "trainer.max_epochs is 0; expected an integer >= 1"),
     ("override-without-equals", None, ["trainer.max_epochs"], '"trainer.max_epochs" is not an override'),
-    ("missing-model", _patch(model=None), [], "model is missing"),
-    ("section-not-a-mapping", _patch(model="torch.nn.Linear"), [], "model is"),
-    ("missing-class-path", _patch(**{"model.class_path": None}), [], "model.class_path is missing"),
+    ("missing-model", edit(model=None), [], "model is missing"),
+    ("section-not-a-mapping", edit(model="torch.nn.Linear"), [], "model is"),
+    ("missing-class-path", edit(**{"model.class_path": None}), [], "model.class_path is missing"),
     ("unimportable-module", None, ["model.class_path=no_such_pkg.Net"], 'no module named "no_such_pkg"'),
     ("attribute-typo", None, ["model.class_path=adaptrain.models.MNIST1DCnn"], '"adaptrain.models.MNIST1DCNN"'),
     ("unknown-init-arg", None, ["model.init_args.in_feature=8"],
      'model.init_args.in_feature is not an argument of torch.nn.Linear; did you mean "in_features"'),
-    ("missing-init-arg", _patch(**{"model.init_args": {"in_features": 8}}), [], "model.init_args misses out_features"),
+    ("missing-init-arg", edit(**{"model.init_args": {"in_features": 8}}), [], "model.init_args misses out_features"),
     ("constructor-raises", None, ["model.init_args.out_features=-3"], "model could not be built"),
     ("args-of-another-class", None, ["model.class_path=torch.optim.SGD"],
      "model.init_args.in_features is not an argument of torch.optim.SGD"),
@@ -83,19 +69,19 @@ BAD_CONFIGS = [  # id, edit of the base config (or raw YAML text), overrides, wh
     ("scheduler-interval", None, ["scheduler.class_path=torch.optim.lr_scheduler.StepLR",
                                   "scheduler.init_args.step_size=1",
                                   "scheduler.interval=sometimes"], "scheduler.interval"),
-    ("callback-not-a-callback", _patch(callbacks=[{"class_path": "torch.nn.ReLU"}]), [],
+    ("callback-not-a-callback", edit(callbacks=[{"class_path": "torch.nn.ReLU"}]), [],
      "callbacks.0.class_path built a ReLU"),
     ("callback-bad-arg",
-     _patch(callbacks=[{"class_path": "adaptrain.EarlyStopping", "init_args": {"patience": 0}}]), [],
+     edit(callbacks=[{"class_path": "adaptrain.EarlyStopping", "init_args": {"patience": 0}}]), [],
      "callbacks.0 could not be built"),
     ("metric-bad-path", None, ["metrics.acc.class_path=torchmetrics.Acuracy"], "metrics.acc.class_path"),
-    ("criterion-nested-typo", _patch(criterion={"class_path": "adaptrain.MultiLoss", "init_args": {
+    ("criterion-nested-typo", edit(criterion={"class_path": "adaptrain.MultiLoss", "init_args": {
         "losses": {"a": {"class_path": "torch.nn.CrossEntropyLos"}}}}), [], "criterion.init_args.losses.a.class_path"),
     ("unknown-logger", None, ["loggers.mlfow={}"], 'loggers.mlfow names no logger; did you mean "mlflow"'),
     ("logger-option-typo", None, ["loggers.mlflow.tracking_url=x"], 'loggers.mlflow.tracking_url is not an argument'),
     ("data-batch-size-range", None, ["data.batch_size=0"], "data.batch_size is 0"),
     ("data-option-unused", None, ["data.batch_size=4"], "data.batch_size is set"),
-    ("env-var-missing", _patch(root_dir="${oc.env:ADAPTRAIN_SURELY_UNSET_VAR}"), [], "root_dir could not be resolved"),
+    ("env-var-missing", edit(root_dir="${oc.env:ADAPTRAIN_SURELY_UNSET_VAR}"), [], "root_dir could not be resolved"),
     ("ckpt-not-found", None, ["ckpt_path=nowhere.ckpt"], "ckpt_path"),
     ("experiment-not-a-folder-name", None, ["experiment=../escape"], "experiment"),
     ("init-arg-wrong-type", None, ["model.init_args.bias=1"],

@@ -81,14 +81,7 @@ def check_init_args(target: Any, kwargs: Mapping[str, Any], key: str, path: str,
     except (TypeError, ValueError):
         return
     params = list(signature.parameters.values())[injected:]
-    named = [p.name for p in params if p.kind in _NAMED]
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        for name in kwargs:
-            if name not in named:
-                close = difflib.get_close_matches(name, named, n=1)
-                hint = f'; did you mean "{close[0]}"?' if close else "."
-                raise ConfigError(f"{args_key}.{name}", f"is not an argument of {path}{hint} "
-                                  f"Expected: {', '.join(named) or '(no arguments)'}.")
+    _reject_unknown_arguments(params, kwargs, args_key, path)
     missing = [p.name for p in params if p.kind in _NAMED and p.default is p.empty and p.name not in kwargs]
     if missing:
         raise ConfigError(args_key, f"misses {', '.join(missing)}: required by {path}{signature}.")
@@ -181,14 +174,8 @@ def reference(spec: Mapping[str, Any], key: str, args_key: str | None = None) ->
         parameters = inspect.signature(target).parameters
     except (TypeError, ValueError):
         parameters = None  # no readable signature (a builtin): not checked
-    if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        named = [p.name for p in parameters.values() if p.kind in _NAMED]
-        for name in kwargs:
-            if name not in named:
-                close = difflib.get_close_matches(name, named, n=1)
-                hint = f'; did you mean "{close[0]}"?' if close else "."
-                raise ConfigError(f"{args_key}.{name}", f"is not an argument of {path}{hint} "
-                                  f"Expected: {', '.join(named) or '(no arguments)'}.")
+    if parameters is not None:
+        _reject_unknown_arguments(list(parameters.values()), kwargs, args_key, path)
     _check_types(target, kwargs, args_key, path)
     return functools.partial(target, **kwargs)
 
@@ -305,3 +292,17 @@ def _is_loader(obj: Any) -> bool:
 
 def _generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+def _reject_unknown_arguments(params: list[inspect.Parameter], kwargs: Mapping[str, Any], args_key: str,
+                              path: str) -> None:
+    """A ConfigError for the first keyword argument ``path`` does not take (unless it takes ``**kwargs``)."""
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = [p.name for p in params if p.kind in _NAMED]
+    for name in kwargs:
+        if name not in named:
+            close = difflib.get_close_matches(name, named, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else "."
+            raise ConfigError(f"{args_key}.{name}", f"is not an argument of {path}{hint} "
+                              f"Expected: {', '.join(named) or '(no arguments)'}.")
