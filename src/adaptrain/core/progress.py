@@ -351,11 +351,3 @@ class ProgressBar(Callback):
             self._progress = None
         if trainer.state.stop_reason and trainer.is_global_zero:
             self.print(f"stopped: {trainer.state.stop_reason}")
-
-
-def _length(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
