@@ -70,6 +70,8 @@ class DataConfig(ComponentConfig):
     eval_batch_size: int | None = None
     num_workers: int | None = None
     pin_memory: bool | None = None
+    prefetch_factor: int | None = None  # batches each worker loads ahead (torch's default 2)
+    persistent_workers: bool | None = None  # keep workers alive between epochs
 
 
 @dataclass
@@ -87,6 +89,9 @@ class TrainerConfig:
     log_every_n_steps: int = 20
     progress: bool = True
     fast_dev_run: Any = False  # a dry run: true, or a number of train and val batches
+    adaptive_batch_size: Any = None  # null, "safe", "full", or {mode: full, lr_scaling: sqrt, ...}
+    micro_batch_size: Any = None  # null, "auto", or samples per micro-batch
+    auto_num_workers: bool = False  # tune num_workers / prefetch_factor by measurement, for this run
 
 
 @dataclass

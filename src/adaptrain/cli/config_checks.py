@@ -140,6 +140,7 @@ INTEGER_BOUNDS: dict[str, tuple[int, int, str]] = {
     "data.batch_size": (1, MAX_COUNT, "samples in a batch"),
     "data.eval_batch_size": (1, MAX_COUNT, "samples in a batch"),
     "data.num_workers": (0, 1024, "worker processes"),
+    "data.prefetch_factor": (1, 1024, "batches per worker"),
 }
 
 

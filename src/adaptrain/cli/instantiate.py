@@ -220,7 +220,8 @@ class Loaders:
     predict: Any = None
 
 
-_LOADER_OPTIONS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory")
+_LOADER_OPTIONS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "prefetch_factor",
+                   "persistent_workers")
 
 
 def build_loaders(spec: Mapping[str, Any], seed: int | None = None, key: str = "data") -> Loaders:
@@ -230,7 +231,8 @@ def build_loaders(spec: Mapping[str, Any], seed: int | None = None, key: str = "
     (:class:`adaptrain.datasets.Splits`); an object with ``train_dataloader()`` (a Lightning-style
     DataModule); a tuple ``(train, val[, test])``; a dict with keys train/val/test/predict; or a
     single train loader. Any ``torch.utils.data.Dataset`` among them is wrapped in a DataLoader
-    using ``batch_size`` (default 64), ``num_workers`` and ``pin_memory``; the train one shuffles
+    using ``batch_size`` (default 64), ``num_workers``, ``pin_memory``, ``prefetch_factor`` and
+    ``persistent_workers`` (the last two only with workers); the train one shuffles
     with a generator seeded by ``seed``.
     """
     result = instantiate(spec, key)
@@ -280,8 +282,11 @@ def _wrap_dataset(part: Dataset, name: str, options: Mapping[str, Any], seed: in
                           f"({type(part).__name__} of 0 samples); expected at least one sample.")
     size = options.get("batch_size", 64) if name == "train" else options.get(
         "eval_batch_size", options.get("batch_size", 64))
+    workers = options.get("num_workers", 0)
     return DataLoader(part, batch_size=size, shuffle=train, generator=_generator(seed) if train else None,
-                      num_workers=options.get("num_workers", 0), pin_memory=options.get("pin_memory", False))
+                      num_workers=workers, pin_memory=options.get("pin_memory", False),
+                      prefetch_factor=options.get("prefetch_factor") if workers else None,
+                      persistent_workers=bool(options.get("persistent_workers")) and workers > 0)
 
 
 def _is_loader(obj: Any) -> bool:

@@ -62,6 +62,7 @@ class TrainState:
     max_epochs: int = 1
     accumulate_grad_batches: int = 1
     micro_batch_size: int | None = None  # split each batch into micro-batches of this size (None: unsplit)
+    batch_size: int | None = None  # the train loader's batch size in use (None: the loader does not say)
     # -- position: what has been trained (a checkpoint's "counters")
     epoch: int = 0  # epochs completed; the running epoch is epoch + 1 in records
     global_step: int = 0  # optimizer steps taken (skipped AMP steps included)
@@ -110,13 +111,14 @@ class TrainState:
 
     def counters(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in COUNTERS}, "step_lr": self.step_lr,
-                "micro_batch_size": self.micro_batch_size}
+                "micro_batch_size": self.micro_batch_size, "batch_size": self.batch_size}
 
     def load_counters(self, counters: dict[str, Any]) -> None:
         for key in COUNTERS:
             setattr(self, key, int(counters.get(key, 0)))
         self.step_lr = counters.get("step_lr")
         self.micro_batch_size = counters.get("micro_batch_size", self.micro_batch_size)
+        self.batch_size = counters.get("batch_size", self.batch_size)
 
     # ------------------------------------------------------------------ checkpoint contents
     def meta(self) -> dict[str, Any]:

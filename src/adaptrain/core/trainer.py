@@ -13,6 +13,7 @@ from adaptrain.core.batching import call_model, describe, detach_cpu, rebuild, t
 from adaptrain.core.callback import Callback, CallbackList
 from adaptrain.core.events import Event
 from adaptrain.core.history import History
+from adaptrain.core.loader_autotune import LoaderAutotune
 from adaptrain.core.loop import TrainingLoop
 from adaptrain.core.losses import as_criterion
 from adaptrain.core.metrics import MetricSet, RunningSums
@@ -32,7 +33,7 @@ from adaptrain.core.resume import restore_checkpoint
 from adaptrain.core.scheduling import LRSchedule
 from adaptrain.core.settings import check_trainer_settings, setting_error
 from adaptrain.core.state import TrainState, seed_everything
-from adaptrain.data.loaders import LoaderSpec, loader_length
+from adaptrain.data.loaders import LoaderSpec, loader_length, loader_settings
 from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError
 
@@ -69,6 +70,14 @@ class Trainer(TrainingLoop):
         log_every_n_steps: batches between reads of running loss and metrics (host-device syncs).
         fast_dev_run: a dry run: ``True`` or N trains one epoch of N (1) train batches and validates
             N val batches, every callback included, to check a setup end to end in seconds.
+        adaptive_batch_size: ``"safe"`` (shrink the train batch until it fits in memory), ``"full"``
+            (grow it while samples/s improves; LR rescaled), or an :class:`~adaptrain.AdaptiveBatchSize`
+            with the other options. Searched once at the start of ``fit`` by real, undone training steps.
+        micro_batch_size: split each batch into micro-batches of this many samples (gradients equal
+            the whole batch's); ``"auto"``: the largest that fits. With either adaptive setting, an
+            out-of-memory error mid-run halves the micro-batch and redoes the same step.
+        auto_num_workers: tune the train loader's ``num_workers`` / ``prefetch_factor`` by
+            measurement at the start of ``fit`` and apply them to this run (``trainer.loader_settings``).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -101,6 +110,9 @@ class Trainer(TrainingLoop):
         progress: bool = True,
         log_every_n_steps: int = 20,
         fast_dev_run: bool | int = False,
+        adaptive_batch_size: str | AdaptiveBatchSize | None = None,
+        micro_batch_size: int | str | None = None,
+        auto_num_workers: bool = False,
     ) -> None:
         _check_objects(model, optimizer, metrics)
         check_trainer_settings(accumulate_grad_batches=accumulate_grad_batches, max_epochs=max_epochs,
@@ -124,6 +136,10 @@ class Trainer(TrainingLoop):
         callbacks = list(callbacks or [])
         if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
+        if not isinstance(auto_num_workers, bool):
+            raise setting_error("auto_num_workers", auto_num_workers, "expected true or false.")
+        if auto_num_workers and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
+            callbacks.append(LoaderAutotune())
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device, precision=self.precision,
                                 train_sums=RunningSums(self.metric_specs, self.device), callbacks=self.callbacks,
@@ -140,6 +156,18 @@ class Trainer(TrainingLoop):
     @micro_batch_size.setter
     def micro_batch_size(self, size: int | None) -> None:
         self.state.micro_batch_size = size
+
+    @property
+    def batch_size(self) -> int | None:
+        """The train batch size in use (after ``fit``'s batch-size search, the one it chose); None
+        for a loader without one (its own batch sampler, a plain iterable)."""
+        return self.state.batch_size
+
+    @property
+    def loader_settings(self) -> dict[str, Any]:
+        """The train loader's ``num_workers``, ``prefetch_factor``, ``pin_memory``, ``persistent_workers``
+        as they are now (after ``auto_num_workers`` tuning, the chosen ones); {} before a loader is given."""
+        return loader_settings(self.state.train_loader)
 
     @property
     def train_metrics(self) -> MetricSet:

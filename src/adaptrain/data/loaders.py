@@ -105,6 +105,32 @@ class LoaderSpec:
         return {name: getattr(self, name) for name in CHANGEABLE}
 
 
+def loader_settings(loader: Any) -> dict[str, Any]:
+    """A DataLoader's worker settings as torch runs them ({} for anything else).
+
+    Example:
+        >>> loader_settings(DataLoader(range(4), num_workers=0))
+        {'num_workers': 0, 'prefetch_factor': None, 'pin_memory': False, 'persistent_workers': False}
+    """
+    if not isinstance(loader, DataLoader):
+        return {}
+    return {"num_workers": loader.num_workers, "prefetch_factor": loader.prefetch_factor,
+            "pin_memory": loader.pin_memory, "persistent_workers": loader.persistent_workers}
+
+
+def loader_batch_size(loader: Any) -> int | None:
+    """The batch size a loader yields: its ``batch_size``, or its batch sampler's (None if neither says).
+
+    Example:
+        >>> loader_batch_size(DataLoader(range(10), batch_size=4)), loader_batch_size(range(3))
+        (4, None)
+    """
+    if not isinstance(loader, DataLoader):
+        return None
+    size = loader.batch_size if loader.batch_size is not None else getattr(loader.batch_sampler, "batch_size", None)
+    return size if isinstance(size, int) else None
+
+
 def loader_length(loader: Any) -> int | None:
     """``len(loader)``, or None for a loader without one (an iterable dataset)."""
     try:
