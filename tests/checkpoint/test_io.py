@@ -145,7 +145,7 @@ def test_contents_are_what_a_resume_needs(saved):
                          "callbacks", "progress"}
     assert ckpt["counters"] == {"epoch": 1, "global_step": 3, "batch_idx": 0, "epoch_samples": 0, "samples_seen": 48,
                                 "skipped_steps": 0, "skipped_batches": 0, "step_lr": pytest.approx(0.01),
-                                "micro_batch_size": None}
+                                "micro_batch_size": None, "batch_size": 16}
     assert [r["epoch"] for r in ckpt["history"]["records"]] == [1]
     assert set(ckpt["rng"]["now"]) >= {"python", "numpy", "torch", "loader"}
     assert ckpt["rng"]["now"]["loader"][0].dtype == torch.uint8  # the shuffling generator's state

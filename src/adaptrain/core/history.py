@@ -52,8 +52,11 @@ class History:
         (0.5, 0.5, 0.5, 0.0)
     """
 
-    def __init__(self, records: Iterable[dict[str, Any]] = ()) -> None:
+    def __init__(self, records: Iterable[dict[str, Any]] = (), adaptations: Iterable[dict[str, Any]] = ()) -> None:
         self.records: list[dict[str, Any]] = [dict(r) for r in records]
+        #: What the trainer changed by itself (batch size, micro-batch, loader settings), in order: dicts
+        #: with ``kind``, ``before``, ``after``, ``reason``, ``epoch``, ``step`` and the numbers that decided.
+        self.adaptations: list[dict[str, Any]] = [dict(a) for a in adaptations]
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -88,10 +91,11 @@ class History:
         return min(values) if mode == "min" else max(values)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": [dict(r) for r in self.records]}
+        return {"records": [dict(r) for r in self.records], "adaptations": [dict(a) for a in self.adaptations]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = [dict(r) for r in state["records"]]
+        self.adaptations = [dict(a) for a in state.get("adaptations", ())]  # older checkpoints have none
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write one row per epoch (columns: :attr:`keys`; a value an epoch lacks is empty), atomically."""
@@ -109,6 +113,14 @@ class History:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_text(path) as handle:
             json.dump(self.records, handle, indent=1)
+        return path
+
+    def adaptations_to_json(self, path: str | os.PathLike) -> Path:
+        """Write :attr:`adaptations` as a JSON list, atomically (the run folder's ``adaptations.json``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_text(path) as handle:
+            json.dump(self.adaptations, handle, indent=1, default=str)
         return path
 
     @classmethod

@@ -44,11 +44,19 @@ def restore_checkpoint(trainer: Trainer, ckpt_path: str | os.PathLike | Mapping[
     CLI reads a checkpoint once, to check it before it makes a run folder). Called by
     ``fit(ckpt_path=...)`` once precision and scheduler are built, before the loop.
     """
+    return apply_checkpoint(trainer, *read_checkpoint(trainer, ckpt_path))
+
+
+def read_checkpoint(trainer: Trainer, ckpt_path: str | os.PathLike | Mapping[str, Any]) -> tuple[Path, dict]:
+    """The checkpoint's path and contents (a path, ``"last"``, or contents already read); nothing changes."""
     if isinstance(ckpt_path, Mapping):
-        path, ckpt = Path("checkpoint"), dict(ckpt_path)
-    else:
-        path = _resolve(trainer, ckpt_path)
-        ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors; weights are copied over
+        return Path("checkpoint"), dict(ckpt_path)
+    path = _resolve(trainer, ckpt_path)
+    return path, load_checkpoint(path, map_location="cpu")  # RNG states must be CPU tensors; weights are copied
+
+
+def apply_checkpoint(trainer: Trainer, path: Path, ckpt: dict[str, Any]) -> Path:
+    """Check that ``ckpt`` fits the trainer, then put the trainer's state where it left off."""
     state = trainer.state
     problems = (model_mismatch(state.model, ckpt["model"]),
                 optimizer_mismatch(state.optimizer, ckpt["optimizer"], ckpt["meta"]["optimizer"]),

@@ -1,8 +1,9 @@
 """The trainer's LR schedule: built from an object, a factory or a dict; stepped per step or per epoch.
 
 A factory ``f(optimizer, total_steps=...)`` (e.g. ``functools.partial(OneCycleLR, max_lr=0.1)``) is
-built at ``fit`` from the loader length, epochs and accumulation, so a schedule never overruns; the
-roadmap's adaptive batch size rebuilds it the same way when the steps per epoch change.
+built at ``fit`` from the loader length, epochs and accumulation, so a schedule never overruns; when
+the adaptive batch size changes the steps per epoch, :func:`rescale_schedule` adapts the LR and the
+schedule's length before the first step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 import torch
-from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ConstantLR, CyclicLR, LinearLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from adaptrain.core.state import TrainState
 from adaptrain.errors import ConfigError
@@ -108,3 +109,67 @@ def build_from_factory(factory: Callable, optimizer: torch.optim.Optimizer, tota
                              "no len().")
         return factory(optimizer, total_steps=total_steps)
     return factory(optimizer)
+
+
+# ---------------------------------------------------------------------- a new batch size
+def rescale_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, lr_factor: float, step_ratio: float,
+                     interval: str | None) -> None:
+    """Adapt the LR (every param group) and a schedule built for the old batch size to the new one.
+
+    ``lr_factor``: the LR rule's multiplier (:func:`adaptrain.tuning.batch_size.scale_lr`).
+    ``step_ratio``: new optimizer steps per epoch over the old. A factory (not built yet) needs
+    only the LR: it is built later for the new step count. An instance has its base LRs scaled;
+    one counted in steps (OneCycleLR, CyclicLR, a LinearLR/ConstantLR warm-up stepped per step)
+    has its length scaled too, so it spans the same epochs and never overruns. Any other
+    per-step schedule cannot be rebuilt: :class:`ConfigError` (raised before anything changes).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> one_cycle = OneCycleLR(optimizer, max_lr=0.1, total_steps=100)
+        >>> rescale_schedule(one_cycle, optimizer, lr_factor=2.0, step_ratio=0.25, interval=None)
+        >>> one_cycle.total_steps, optimizer.param_groups[0]["max_lr"]
+        (25, 0.2)
+    """
+    per_step = check_rescalable(scheduler, interval)
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if key in group:
+                group[key] *= lr_factor
+    if not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+        return  # a factory: built later, from the rescaled LR, for the new step count
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * lr_factor for lr in scheduler.base_lrs]
+    if isinstance(scheduler, CyclicLR):
+        scheduler.max_lrs = [lr * lr_factor for lr in scheduler.max_lrs]
+    if per_step:
+        _stretch(scheduler, step_ratio)
+
+
+def check_rescalable(scheduler: Any, interval: str | None) -> bool:
+    """Whether ``scheduler`` is a built per-step schedule (its length must follow the new step count);
+    :class:`ConfigError` for one that cannot be rebuilt (checked before any work)."""
+    built = isinstance(scheduler, (LRScheduler, ReduceLROnPlateau))
+    per_step = built and (interval == "step" or (interval is None and isinstance(scheduler, STEP_SCHEDULERS)))
+    if per_step and not isinstance(scheduler, (OneCycleLR, CyclicLR, LinearLR, ConstantLR)):
+        raise ConfigError("scheduler", f"is a {type(scheduler).__name__} stepped per optimizer step, built for the "
+                          "configured batch size; the adaptive batch size changes the steps per epoch and it cannot "
+                          "be rebuilt: pass a factory f(optimizer, total_steps=...) (e.g. functools.partial), "
+                          "or step it per epoch.")
+    return per_step
+
+
+def _stretch(scheduler: Any, ratio: float) -> None:
+    """Scale a per-step schedule's length by ``ratio`` (it has not taken a step of the run yet)."""
+    if isinstance(scheduler, OneCycleLR):
+        old, new = scheduler.total_steps, max(2, round(scheduler.total_steps * ratio))
+        phases = scheduler._schedule_phases  # end steps are pct * total - k (torch's own formula): re-derive
+        pct = (float(phases[0]["end_step"]) + 1) / old
+        ends = [pct * new - 1, 2 * pct * new - 2, new - 1] if len(phases) == 3 else [pct * new - 1, new - 1]
+        for phase, end in zip(phases, ends):
+            phase["end_step"] = float(end)
+        scheduler.total_steps = new
+    elif isinstance(scheduler, CyclicLR):
+        scheduler.total_size = max(2.0, round(scheduler.total_size * ratio))
+    else:  # LinearLR / ConstantLR warm-up
+        scheduler.total_iters = max(1, round(scheduler.total_iters * ratio))

@@ -177,9 +177,12 @@ class TrainState:
         if progress is not None:
             self.train_sums.load_state_dict(progress, self.device)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, device: str | torch.device | None = None) -> dict[str, Any]:
         """A deep copy of :meth:`state_dict` in memory: weights, optimizer, scheduler, scaler, RNG,
         BatchNorm statistics, counters, history and the epoch's sums, for :meth:`restore` after a trial.
+
+        ``device="cpu"`` keeps the copy in host memory, so a memory-measuring trial on the GPU does
+        not pay for a second copy of the weights and optimizer state.
 
         Example:
             >>> import torch
@@ -192,11 +195,24 @@ class TrainState:
             >>> trainer.state.restore(saved); torch.equal(model.weight, saved["model"]["weight"])
             True
         """
-        return copy.deepcopy(self.state_dict())
+        if device is None:
+            return copy.deepcopy(self.state_dict())
+        return copy.deepcopy(_tensors_to(self.state_dict(), torch.device(device)))
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Put back a :meth:`snapshot` exactly (the snapshot stays usable for another restore)."""
         self.load_state_dict(copy.deepcopy(snapshot), replay_epoch=False)
+
+
+def _tensors_to(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it copied to ``device`` (dicts, lists and tuples rebuilt)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _tensors_to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_tensors_to(v, device) for v in value)
+    return value
 
 
 # ---------------------------------------------------------------------- random generators

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from adaptrain.core.batch_sizing import AdaptiveBatchSize, BatchSizing
 from adaptrain.core.batching import call_model, describe, detach_cpu, rebuild, to_device, unpack_batch
 from adaptrain.core.callback import Callback, CallbackList
 from adaptrain.core.events import Event
@@ -29,7 +30,7 @@ from adaptrain.core.preflight import (
     writes_records,
 )
 from adaptrain.core.progress import ProgressBar
-from adaptrain.core.resume import restore_checkpoint
+from adaptrain.core.resume import apply_checkpoint, read_checkpoint
 from adaptrain.core.scheduling import LRSchedule
 from adaptrain.core.settings import check_trainer_settings, setting_error
 from adaptrain.core.state import TrainState, seed_everything
@@ -132,6 +133,7 @@ class Trainer(TrainingLoop):
         self.log_every_n_steps = log_every_n_steps
         self.limit_batches: int | None = int(fast_dev_run) or None  # batches per epoch and per validation
         self._forward_model = torch.compile(model) if compile else model
+        self.batch_sizing = BatchSizing(adaptive_batch_size, micro_batch_size)
         self._schedule = LRSchedule(scheduler)
         callbacks = list(callbacks or [])
         if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
@@ -192,12 +194,15 @@ class Trainer(TrainingLoop):
         if self.seed is not None:
             seed_everything(self.seed)
         # Everything that can be wrong is checked here, before the first step.
-        state.steps_per_epoch = self._steps_per_epoch(train_loader)
-        self._schedule.setup(state)
+        self._steps_per_epoch(train_loader)
+        checkpoint = read_checkpoint(self, ckpt_path) if ckpt_path is not None else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
-        if ckpt_path is not None:
-            restore_checkpoint(self, ckpt_path)
+        self.batch_sizing.prepare(self, checkpoint[1] if checkpoint else None)  # may rebuild the loader
+        state.steps_per_epoch = self._steps_per_epoch(state.train_loader)
+        self._schedule.setup(state)
+        if checkpoint is not None:
+            apply_checkpoint(self, *checkpoint)
             if state.epoch >= state.max_epochs:
                 warnings.warn(f"fit(ckpt_path=...): the checkpoint is at epoch {state.epoch} and max_epochs is "
                               f"{state.max_epochs}: nothing left to train. Raise max_epochs to train more.")
@@ -316,6 +321,11 @@ class Trainer(TrainingLoop):
                     if (name.startswith("val_") and val_keys) or (name.startswith("train_") and
                                                                     (val_keys or not name.startswith("train_loss_")))]
         check_monitors(monitors, produced)  # without a val loader, the callbacks name that problem themselves
+
+    def on_out_of_memory(self, error: BaseException) -> None:
+        """An OOM in a step: with ``micro_batch_size`` or ``adaptive_batch_size`` set, halve the
+        micro-batch (the loop redoes the same step); otherwise raise it."""
+        self.batch_sizing.on_out_of_memory(self, error)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Send ``metrics`` to every logger (any callback that implements ``log_metrics``), at the

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adaptrain.core.batch_sizing import adapted_params
 from adaptrain.core.callback import Callback
 from adaptrain.distributed import env as distributed
 from adaptrain.loggers import run_dir as run_dirs
@@ -175,6 +176,7 @@ class Logger(Callback):
         if self.run is None:
             self.run = shared_run(trainer)
         self.trainer = trainer
+        self.run.params.update(adapted_params(trainer))  # what the batch-size search chose, as run params
         self._start(trainer)
         self._started = True
 

@@ -59,6 +59,7 @@ class CSVLogger(Logger):
         self.plot = plot
         self._log: IO[str] | None = None
         self._files: RunDir | None = None
+        self._adaptations_logged = 0  # train.log has a line for each of the first N adaptations
 
     @property
     def files(self) -> RunDir | None:
@@ -102,8 +103,18 @@ class CSVLogger(Logger):
         history = trainer.state.history
         history.to_csv(self._files.history_csv)
         history.to_json(self._files.history_json)
+        self._write_adaptations(history)
         if history.records:
             self._write(epoch_line(history.records[-1], trainer.state.max_epochs))
+
+    def _write_adaptations(self, history: Any) -> None:
+        """``adaptations.json``, and a train.log line for each change not logged yet."""
+        if not history.adaptations or self._files is None:
+            return
+        history.adaptations_to_json(self._files.adaptations)
+        for entry in history.adaptations[self._adaptations_logged:]:
+            self._write(f"adapted: {entry['reason']}")
+        self._adaptations_logged = len(history.adaptations)
 
     def log_results(self, verb: str, results: Mapping[str, Any]) -> None:
         if not self._started or self._files is None:
@@ -116,6 +127,7 @@ class CSVLogger(Logger):
         trainer, files = self.trainer, self._files
         if trainer is not None and files is not None:
             state = trainer.state
+            self._write_adaptations(state.history)
             if state.history.records:
                 state.history.to_csv(files.history_csv)
                 state.history.to_json(files.history_json)

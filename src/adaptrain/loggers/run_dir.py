@@ -13,7 +13,8 @@ Layout (every path is a property of :class:`RunDir`, so writers and readers agre
         mlflow.json       the MLflow run of this folder (a resume continues it)
         checkpoints/      written by ModelCheckpoint through ``trainer.run_dir``
         tensorboard/      event files, when the TensorBoard logger is on
-        resources.json    reserved for the resource-monitor report (a later issue)
+        resources.yaml    ResourceMonitor's recommendations, a config snippet to merge with --config
+        adaptations.json  what the trainer changed by itself (batch size, micro-batch, loader), and why
         <verb>.json       results of ``validate`` / ``test``; predictions.pt for ``predict``
 
 Example:
@@ -105,9 +106,14 @@ class RunDir:
 
     @property
     def resources(self) -> Path:
-        # The resource monitor (CPU/GPU/memory, a later issue) writes its report here; loggers
-        # already upload it as an artifact when it exists.
-        return self.path / "resources.json"
+        """ResourceMonitor's recommendations as config keys (``--config resources.yaml`` merges them);
+        loggers upload it as an artifact when it exists."""
+        return self.path / "resources.yaml"
+
+    @property
+    def adaptations(self) -> Path:
+        """``history.adaptations``: each change the trainer made by itself, with the numbers behind it."""
+        return self.path / "adaptations.json"
 
     def results(self, verb: str) -> Path:
         """Where ``validate`` / ``test`` write their metrics."""
@@ -116,7 +122,7 @@ class RunDir:
     def artifacts(self) -> list[Path]:
         """The files of this run worth uploading to a tracking server, those that exist."""
         candidates = [self.config, self.history_csv, self.history_json, self.plot, self.log, self.resources,
-                      self.results("validate"), self.results("test")]
+                      self.adaptations, self.results("validate"), self.results("test")]
         return [path for path in candidates if path.is_file()]
 
 

@@ -1,0 +1,421 @@
+"""Adaptive batch size and micro-batching: the thin layer that measures and applies.
+
+The decisions are pure and live in :mod:`adaptrain.tuning.batch_size` (the search and its stop
+rule, the LR and accumulation rules, the OOM back-off). This module supplies what they need from
+the hardware and carries their results out:
+
+* :class:`StepProbe` runs real training steps (forward, backward, optimizer step, through
+  :meth:`Trainer.run_step <adaptrain.Trainer.run_step>`) on real samples of the train data set at
+  one batch size, measures samples/s and peak memory (:class:`MemoryGauge`), and undoes them
+  (``state.snapshot()`` / ``restore()``, kept on the CPU so the copy takes no device memory).
+* :class:`BatchSizing` runs the search once at the start of ``fit``, rebuilds the train loader with
+  the chosen size, rescales the LR and a per-step schedule, picks ``micro_batch_size="auto"``, and
+  mid-run halves the micro-batch after an out-of-memory error (the loop then redoes the same step).
+  Every change is recorded (:func:`record_adaptation`): one printed line, ``history.adaptations``
+  (checkpointed; ``adaptations.json`` in the run folder) and the loggers.
+
+The accumulation rule: with ``accumulate_grad_batches > 1`` the user asked for an effective batch
+(``accumulate x batch``), which is kept: the accumulation becomes ``ceil(effective / new batch)``
+and the LR follows the effective batch (unchanged when it divides). Without accumulation the batch
+itself changes and the LR follows it (``lr_scaling``). Micro-batching never changes the
+optimisation (same batch, same LR), except that BatchNorm normalises over each micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from adaptrain.core.batching import batch_size_of, unpack_batch
+from adaptrain.core.scheduling import check_rescalable, rescale_schedule
+from adaptrain.data.loaders import LoaderSpec, is_default_batching, loader_batch_size
+from adaptrain.distributed import env as distributed
+from adaptrain.errors import ConfigError
+from adaptrain.tuning.batch_size import (
+    LR_RULES,
+    MODES,
+    BatchSizeError,
+    BatchSizeSearch,
+    Probe,
+    accumulation_for,
+    agree_batch_size,
+    halve_micro_batch,
+    scale_lr,
+    search_batch_size,
+)
+
+if TYPE_CHECKING:
+    from adaptrain.core.trainer import Trainer
+
+__all__ = ["AdaptiveBatchSize", "BatchSizing", "MemoryGauge", "StepProbe", "record_adaptation", "adapted_params",
+           "agree_across_ranks", "check_micro_batch_size", "first_batch"]
+
+
+@dataclass(frozen=True)
+class AdaptiveBatchSize:
+    """Options of the batch-size search (``Trainer(adaptive_batch_size=AdaptiveBatchSize(...))``).
+
+    Args:
+        mode: ``"safe"`` only shrinks (the configured batch is kept when it fits: one probe);
+            ``"full"`` grows while samples/s improves by ``min_gain`` per doubling.
+        lr_scaling: ``"sqrt"`` (default, as OTX), ``"linear"`` or ``None`` (LR unchanged).
+        memory_fraction: a batch fits when its peak memory stays under this share of the device's
+            (CUDA: of free + already held memory; CPU: the process's peak RSS growth over available RAM).
+        max_batch_size: the largest batch ``"full"`` may choose (also capped by the data set size).
+        max_trials: probes at most (each a few real steps).
+        min_gain: growth continues while a doubling is at least this much faster.
+        steps_per_trial: timed steps per probe (after one warm-up step).
+
+    Example:
+        >>> AdaptiveBatchSize.parse("full").mode, AdaptiveBatchSize.parse({"mode": "safe", "max_trials": 4}).max_trials
+        ('full', 4)
+        >>> AdaptiveBatchSize(mode="huge")
+        Traceback (most recent call last):
+        ...
+        ValueError: AdaptiveBatchSize(mode='huge'): expected "safe" or "full".
+    """
+
+    mode: str = "safe"
+    lr_scaling: str | None = "sqrt"
+    memory_fraction: float = 0.9
+    max_batch_size: int | None = None
+    max_trials: int = 10
+    min_gain: float = 0.05
+    steps_per_trial: int = 3
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mode": (self.mode in MODES, 'expected "safe" or "full"'),
+            "lr_scaling": (self.lr_scaling in LR_RULES, 'expected "sqrt", "linear" or None'),
+            "memory_fraction": (_number(self.memory_fraction) and 0 < self.memory_fraction <= 1,
+                                "expected a fraction in (0, 1]"),
+            "max_batch_size": (self.max_batch_size is None or _count(self.max_batch_size),
+                               "expected an integer >= 1 or None"),
+            "max_trials": (_count(self.max_trials), "expected an integer >= 1"),
+            "min_gain": (_number(self.min_gain) and 0 <= self.min_gain < 1, "expected a fraction in [0, 1)"),
+            "steps_per_trial": (_count(self.steps_per_trial), "expected an integer >= 1"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ValueError(f"AdaptiveBatchSize({name}={getattr(self, name)!r}): {expected}.")
+
+    @classmethod
+    def parse(cls, value: Any) -> AdaptiveBatchSize | None:
+        """``None``, a mode string, an :class:`AdaptiveBatchSize`, or a mapping of its fields (YAML)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            if value not in MODES:
+                raise ValueError(f'Trainer(adaptive_batch_size="{value}"): expected "safe", "full", None or an '
+                                 "adaptrain.AdaptiveBatchSize(...).")
+            return cls(mode=value)
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"Trainer(adaptive_batch_size={{...}}): unknown option(s) {', '.join(unknown)}; "
+                                 f"expected some of {', '.join(f.name for f in fields(cls))}.")
+            return cls(**value)
+        raise TypeError(f"Trainer(adaptive_batch_size=...): expected \"safe\", \"full\", None or an "
+                        f"adaptrain.AdaptiveBatchSize; received {type(value).__name__}.")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_micro_batch_size(value: Any) -> int | str | None:
+    """``None``, ``"auto"`` or an integer >= 1; anything else is a clear error."""
+    if value is None or value == "auto" or _count(value):
+        return value
+    raise ValueError(f"Trainer(micro_batch_size={value!r}): expected None, \"auto\" or an integer >= 1.")
+
+
+# ---------------------------------------------------------------------- measuring
+class MemoryGauge:
+    """Peak memory of a span of work, as a share of what the device can give this process.
+
+    CUDA: ``max_memory_allocated`` over free + already reserved memory at the start. CPU: the
+    growth of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``;
+    elsewhere the RSS after the span, a lower bound) over the RAM available at the start (psutil).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            free, _ = torch.cuda.mem_get_info(device)
+            self.capacity = free + torch.cuda.memory_reserved(device)
+        else:
+            self.capacity = psutil.virtual_memory().available
+        self._baseline = 0
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self._baseline = psutil.Process().memory_info().rss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+    def peak_fraction(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / self.capacity
+        return max(0, _peak_rss() - self._baseline) / self.capacity
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss
+
+
+class StepProbe:
+    """``probe(batch_size) -> Probe``: real training steps at one size, undone afterwards.
+
+    ``split=False``: a batch of ``batch_size`` samples, micro-batched as configured (the batch
+    search). ``split=True``: the train loader's own first batch cut into micro-batches of
+    ``batch_size`` (the ``micro_batch_size="auto"`` search). Use it as a context manager: the state
+    is snapshotted on entry and restored after every probe and on exit.
+    """
+
+    def __init__(self, trainer: Trainer, batches: Any, steps: int, timed: bool, split: bool = False) -> None:
+        self.trainer, self.batches, self.steps, self.timed, self.split = trainer, batches, steps, timed, split
+        self.gauge = MemoryGauge(trainer.device)
+        self.seconds = 0.0
+
+    def __enter__(self) -> StepProbe:
+        state = self.trainer.state
+        self._saved = state.snapshot(device="cpu")
+        self._micro = state.micro_batch_size
+        self._started = time.perf_counter()
+        self.trainer.batch_sizing.probing = True  # an OOM in a probe is a result, not something to recover from
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.trainer.batch_sizing.probing = False
+        self._undo()
+        self.seconds = time.perf_counter() - self._started
+
+    def _undo(self) -> None:
+        state = self.trainer.state
+        state.restore(self._saved)
+        state.micro_batch_size = self._micro
+        if self.gauge.cuda:
+            torch.cuda.empty_cache()
+
+    def __call__(self, size: int) -> Probe:
+        state = self.trainer.state
+        batch = self.batches(None if self.split else size)
+        if self.split:
+            state.micro_batch_size = size
+        self.gauge.reset()
+        rates: list[float] = []
+        try:
+            for step in range(self.steps + 1 if self.timed else 1):
+                started = self._clock()
+                self.trainer.run_step(batch)
+                if step:  # the first step warms up (allocator, kernels, optimizer state)
+                    rates.append(state.batch_samples / (self._clock() - started))
+        except _OOM as error:
+            failed: BaseException | None = error
+        else:
+            failed = None
+        peak = self.gauge.peak_fraction()
+        self._undo()
+        if failed is not None:
+            traceback.clear_frames(failed.__traceback__)  # its frames hold the failed step's tensors
+            return Probe(size, False, peak_fraction=peak, error=f"out of memory ({type(failed).__name__})")
+        rate = statistics.fmean(rates) if rates else None
+        spread = statistics.stdev(rates) / rate / math.sqrt(len(rates)) if len(rates) > 1 else None
+        return Probe(size, True, samples_per_s=rate, peak_fraction=peak, spread=spread)
+
+    def _clock(self) -> float:
+        if self.gauge.cuda:
+            torch.cuda.synchronize(self.trainer.device)  # only here, at the measurement points
+        return time.perf_counter()
+
+
+_OOM: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
+
+
+def first_batch(loader: Any, size: int | None) -> Any:
+    """A batch of ``size`` samples from the start of the train data set, drawn without touching the
+    loader's sampler or generator (no workers); ``size=None``: the loader's own first batch."""
+    if size is None or not isinstance(loader, DataLoader):
+        return next(iter(loader))
+    dataset = loader.dataset
+    probe_loader = DataLoader(dataset, batch_size=size, collate_fn=loader.collate_fn)
+    return next(iter(probe_loader))
+
+
+# ---------------------------------------------------------------------- applying
+def record_adaptation(trainer: Trainer, kind: str, before: Any, after: Any, reason: str, **numbers: Any) -> None:
+    """Say what the trainer changed by itself: a printed line, ``history.adaptations``, the loggers."""
+    state = trainer.state
+    entry = {"kind": kind, "before": before, "after": after, "reason": reason, "epoch": state.epoch + 1,
+             "step": state.global_step, **numbers}
+    state.history.adaptations.append(entry)
+    trainer.print(f"adaptrain: {reason}")
+    if isinstance(after, (int, float)) and not isinstance(after, bool):
+        trainer.log_metrics({kind: after})
+
+
+class BatchSizing:
+    """The trainer's batch-size feature: search at ``fit`` start, OOM back-off mid-run."""
+
+    def __init__(self, adaptive_batch_size: Any = None, micro_batch_size: Any = None) -> None:
+        self.options = AdaptiveBatchSize.parse(adaptive_batch_size)
+        self.micro = check_micro_batch_size(micro_batch_size)
+        self.probing = False
+        self.last_search: BatchSizeSearch | None = None
+
+    @property
+    def recovers_oom(self) -> bool:
+        """Whether an OOM mid-run halves the micro-batch (any adaptive setting) or is raised (none)."""
+        return (self.options is not None or self.micro is not None) and not self.probing
+
+    def check(self, trainer: Trainer) -> None:
+        """Before any work: the train loader can be rebuilt, and the schedule rescaled, if the batch may change."""
+        if self.options is None:
+            return
+        loader = trainer.state.train_loader
+        if not is_default_batching(loader):
+            what = type(loader).__name__ if not isinstance(loader, DataLoader) else \
+                f"DataLoader with its own {type(loader.batch_sampler).__name__}"
+            raise ConfigError("adaptive_batch_size", f'is "{self.options.mode}", but the train loader is a {what}, '
+                              "which cannot be rebuilt with another batch size; pass DataLoader(dataset, "
+                              "batch_size=...), or keep the batch and use micro_batch_size=\"auto\" to fit memory.")
+        spec = trainer._schedule.spec
+        check_rescalable(spec["scheduler"], spec["interval"])
+
+    def prepare(self, trainer: Trainer, resumed: Mapping[str, Any] | None) -> None:
+        """At ``fit`` start: search (a fresh run), or re-apply the sizes the run already chose (a resume
+        from ``resumed``, the checkpoint's contents, or ``fit`` called again): never a second search."""
+        state = trainer.state
+        self.check(trainer)
+        configured = loader_batch_size(state.train_loader)
+        chosen = resumed["counters"].get("batch_size") if resumed is not None else state.batch_size
+        state.batch_size = configured
+        if resumed is not None or state.global_step > 0:  # micro_batch_size comes back with the counters
+            if self.options is not None and chosen is not None and configured is not None and chosen != configured:
+                self.apply(trainer, configured, chosen)
+            return
+        if isinstance(self.micro, int):
+            state.micro_batch_size = self.micro
+        if trainer.limit_batches and (self.options is not None or self.micro == "auto"):
+            trainer.print("adaptrain: batch-size search skipped (fast_dev_run)")
+            return
+        if self.options is not None:
+            self.search(trainer)
+        if self.micro == "auto":
+            self.choose_micro_batch(trainer)
+
+    def search(self, trainer: Trainer) -> BatchSizeSearch:
+        """Probe, choose (agreed across ranks), apply and record the train batch size."""
+        state, options = trainer.state, self.options
+        loader = state.train_loader
+        start = loader_batch_size(loader)
+        limit = options.max_batch_size
+        if not isinstance(loader.dataset, IterableDataset):
+            limit = min(limit or len(loader.dataset), len(loader.dataset))
+        with StepProbe(trainer, lambda size: first_batch(loader, size), options.steps_per_trial,
+                       timed=options.mode == "full") as probe:
+            found = search_batch_size(options.mode, start, probe, limit, max_trials=options.max_trials,
+                                      memory_fraction=options.memory_fraction, min_gain=options.min_gain)
+        self.last_search = found
+        chosen = agree_across_ranks(found.chosen)
+        numbers = {"trials": found.trials, "seconds": round(probe.seconds, 3), "search": found.to_dict()}
+        if chosen != start:
+            self.apply(trainer, start, chosen)
+        reason = found.reason + f"; {probe.seconds:.1f} s" + (f"; {chosen} agreed across ranks"
+                                                            if chosen != found.chosen else "")
+        lr = f"; lr {state.lr:.4g}" if chosen != start else ""
+        record_adaptation(trainer, "batch_size", start, chosen, reason + lr, **numbers)
+        return found
+
+    def apply(self, trainer: Trainer, old: int, new: int) -> None:
+        """Train with batch ``new`` instead of ``old``: rebuilt loader, accumulation, LR and schedule."""
+        state = trainer.state
+        accumulate = state.accumulate_grad_batches
+        new_accumulate = accumulation_for(accumulate * old, new) if accumulate > 1 else 1
+        lr_factor = scale_lr(1.0, accumulate * old, new_accumulate * new, self.options.lr_scaling)
+        loader = LoaderSpec.from_loader(state.train_loader).build(batch_size=new)
+        old_steps, new_steps = len(state.train_loader) / accumulate, len(loader) / new_accumulate
+        schedule = trainer._schedule
+        scheduler = state.scheduler if state.scheduler is not None else schedule.spec["scheduler"]
+        rescale_schedule(scheduler, state.optimizer, lr_factor, new_steps / old_steps, schedule.spec["interval"])
+        state.accumulate_grad_batches = new_accumulate
+        trainer._install_train_loader(loader)
+        state.batch_size = new
+
+    def choose_micro_batch(self, trainer: Trainer) -> None:
+        """``micro_batch_size="auto"``: the largest micro-batch of the train loader's batch that fits."""
+        state = trainer.state
+        batch = first_batch(state.train_loader, None)
+        with StepProbe(trainer, lambda _: batch, steps=1, timed=False, split=True) as probe:
+            size = batch_size_of(*unpack_batch(batch, "train_loader"))
+            memory = self.options.memory_fraction if self.options else AdaptiveBatchSize().memory_fraction
+            found = search_batch_size("safe", size, probe, max_trials=12, memory_fraction=memory)
+        micro = None if found.chosen >= size else agree_across_ranks(found.chosen)
+        state.micro_batch_size = micro
+        found_text = found.reason.replace(" (safe)", "").replace("batch size", "micro-batch", 1)
+        split = "unsplit" if micro is None else f"{micro} of {size} samples"
+        reason = f"micro_batch_size auto: {found_text} ({split}); {probe.seconds:.1f} s"
+        record_adaptation(trainer, "micro_batch_size", None, micro, reason, trials=found.trials,
+                          search=found.to_dict())
+
+    def on_out_of_memory(self, trainer: Trainer, error: BaseException) -> None:
+        """Mid-run OOM: halve the micro-batch (the loop redoes the step), or re-raise."""
+        if not self.recovers_oom:
+            raise error
+        state = trainer.state
+        batch = max((samples for *_, samples in state.window.batches), default=state.batch_samples)
+        before = state.micro_batch_size
+        try:
+            state.micro_batch_size = halve_micro_batch(before, batch)
+        except BatchSizeError as exhausted:
+            raise exhausted from error
+        record_adaptation(trainer, "micro_batch_size", before, state.micro_batch_size,
+                          f"out of memory ({type(error).__name__}) at epoch {state.epoch + 1}, step "
+                          f"{state.global_step + 1}: micro-batch {before or batch} -> {state.micro_batch_size} "
+                          "samples; the same step is redone", batch_size=batch)
+
+
+def agree_across_ranks(size: int) -> int:
+    """The batch size every rank can run (the minimum of each rank's choice); ``size`` alone on one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or distributed.world_size() < 2:
+        return size
+    sizes: list[Any] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(sizes, int(size))
+    return agree_batch_size(sizes)
+
+
+def adapted_params(trainer: Trainer) -> dict[str, Any]:
+    """What the adaptations decided, as run parameters for the loggers ({} when nothing adapted)."""
+    state = trainer.state
+    if not state.history.adaptations:
+        return {}
+    return {"adapted.batch_size": state.batch_size, "adapted.micro_batch_size": state.micro_batch_size,
+            "adapted.accumulate_grad_batches": state.accumulate_grad_batches, "adapted.lr": state.lr}
+
