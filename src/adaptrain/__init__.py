@@ -1,6 +1,6 @@
 """adaptrain: a PyTorch training engine that tunes itself to the hardware it runs on."""
 
-from adaptrain.callbacks import EarlyStopping, ForecastCallback, ProgressBar
+from adaptrain.callbacks import AdaptiveTrainScheduling, EarlyStopping, ForecastCallback, ProgressBar
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
@@ -37,6 +37,7 @@ from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveTrainScheduling",
     "BatchStructureError",
     "CSVLogger",
     "Logger",
