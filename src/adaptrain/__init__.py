@@ -1,6 +1,6 @@
 """adaptrain: a PyTorch training engine that tunes itself to the hardware it runs on."""
 
-from adaptrain.callbacks import AdaptiveTrainScheduling, EarlyStopping, ForecastCallback, ProgressBar
+from adaptrain.callbacks import AdaptiveTrainScheduling, EarlyStopping, ForecastCallback, ProgressBar, ResourceMonitor
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
@@ -69,6 +69,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteWeightsError",
     "ProgressBar",
+    "ResourceMonitor",
     "SignalHandler",
     "TrainState",
     "TrainingInterrupted",
