@@ -5,6 +5,7 @@ from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
 from adaptrain.cli.config import load_config
+from adaptrain.core.batch_sizing import AdaptiveBatchSize
 from adaptrain.core.callback import Callback
 from adaptrain.core.events import (
                               CancelBatchException,
@@ -37,6 +38,7 @@ from adaptrain.tuning.forecasting import Forecast, ForecastError, forecast
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveBatchSize",
     "AdaptiveTrainScheduling",
     "BatchStructureError",
     "CSVLogger",

@@ -23,6 +23,7 @@ optimisation (same batch, same LR), except that BatchNorm normalises over each m
 
 from __future__ import annotations
 
+import ctypes
 import math
 import statistics
 import time
@@ -149,8 +150,9 @@ class MemoryGauge:
     """Peak memory of a span of work, as a share of what the device can give this process.
 
     CUDA: ``max_memory_allocated`` over free + already reserved memory at the start. CPU: the
-    growth of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``;
-    elsewhere the RSS after the span, a lower bound) over the RAM available at the start (psutil).
+    growth of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``, after
+    ``malloc_trim`` hands freed heap memory back, so reused memory counts; elsewhere the RSS after the
+    span, a lower bound) over the RAM available at the start (psutil).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -167,6 +169,7 @@ class MemoryGauge:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _trim_heap()  # memory freed by an earlier probe but kept by malloc would hide this probe's growth
         self._baseline = psutil.Process().memory_info().rss
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -177,6 +180,14 @@ class MemoryGauge:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / self.capacity
         return max(0, _peak_rss() - self._baseline) / self.capacity
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _peak_rss() -> int:
@@ -372,8 +383,8 @@ class BatchSizing:
     def choose_micro_batch(self, trainer: Trainer) -> None:
         """``micro_batch_size="auto"``: the largest micro-batch of the train loader's batch that fits."""
         state = trainer.state
-        batch = first_batch(state.train_loader, None)
         with StepProbe(trainer, lambda _: batch, steps=1, timed=False, split=True) as probe:
+            batch = first_batch(state.train_loader, None)  # inside: the snapshot puts the loader's RNG back
             size = batch_size_of(*unpack_batch(batch, "train_loader"))
             memory = self.options.memory_fraction if self.options else AdaptiveBatchSize().memory_fraction
             found = search_batch_size("safe", size, probe, max_trials=12, memory_fraction=memory)
