@@ -143,6 +143,8 @@ def main() -> None:
             print(f"| {workload} | {policy} | {first['validations']} | {cpu:.2f} | {val_cpu:.2f} | {wall:.1f} | "
                   f"{100 * (1 - cpu / base):.0f}% | {first['final']:.4f} | {first['best']:.4f} ({first['best_epoch']}) "
                   f"| {plan} |")
+        # The same model whichever epochs validate: the final value is equal to the last bit.
+        assert len({runs[policy][-1]["final"] for policy in policies}) == 1
         logs.append(f"{workload}, last adaptive round:\n{runs['adaptive'][-1]['log']}")
     print("\n" + "\n".join(logs), end="")
 
