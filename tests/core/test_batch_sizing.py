@@ -215,9 +215,10 @@ def test_a_plain_iterable_is_refused_but_can_use_micro_batching():
 @pytest.mark.parametrize("kwargs, match", [
     ({"adaptive_batch_size": "medium"}, 'adaptive_batch_size="medium".*"safe", "full"'),
     ({"adaptive_batch_size": {"mode": "full", "lr_rule": "sqrt"}}, "unknown option.*lr_rule"),
-    ({"adaptive_batch_size": AdaptiveBatchSize}, "received type"),
+    ({"adaptive_batch_size": AdaptiveBatchSize}, "adaptive_batch_size=<class.*a mapping of AdaptiveBatchSize"),
     ({"micro_batch_size": 0}, r"micro_batch_size=0.*\"auto\" or an integer >= 1"),
-    ({"micro_batch_size": "big"}, "micro_batch_size='big'"),
+    ({"micro_batch_size": "big"}, 'micro_batch_size="big"'),
+    ({"auto_num_workers": "yes"}, 'auto_num_workers="yes".*True or False'),
 ])
 def test_bad_settings_are_refused_at_construction(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -125,3 +125,19 @@ def test_checkpoint_contents_come_from_the_state_alone():
     assert set(contents) == {"meta", "model", "optimizer", "scheduler", "precision", "counters", "history", "rng",
                              "callbacks", "progress"}
     assert contents["counters"]["samples_seen"] == 48 and contents["meta"]["precision"] == "32"
+
+
+def test_a_cpu_snapshot_holds_host_copies_and_restores_exactly():
+    from adaptrain import Trainer
+
+    model = torch.nn.Linear(3, 2)
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=0.1), torch.nn.MSELoss(), progress=False,
+                      device="cpu")
+    trainer.run_step((torch.randn(4, 3), torch.randn(4, 2)))
+    saved = trainer.state.snapshot(device="cpu")
+    assert saved["model"]["weight"].data_ptr() != model.weight.data_ptr()  # a copy, not a reference
+    exp_avg = saved["optimizer"]["state"][0]["exp_avg"].clone()
+    trainer.run_step((torch.randn(4, 3), torch.randn(4, 2)))
+    trainer.state.restore(saved)
+    assert torch.equal(model.weight, saved["model"]["weight"])
+    assert torch.equal(trainer.state.optimizer.state_dict()["state"][0]["exp_avg"], exp_avg)

@@ -14,8 +14,10 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable
 
+from adaptrain.core.batch_sizing import AdaptiveBatchSize
 from adaptrain.core.precision import PRECISIONS
 from adaptrain.errors import ConfigError
 
@@ -55,6 +57,13 @@ TRAINER_RULES: dict[str, Rule] = {
     "nan_policy": _choice("raise", "skip"),
     "fast_dev_run": Rule("True, False or a number of batches >= 1",
                          lambda v: isinstance(v, bool) or (isinstance(v, int) and 1 <= v <= MAX_COUNT)),
+    "micro_batch_size": Rule('None, "auto" or an integer >= 1', lambda v: v is None or v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_COUNT)),
+    "auto_num_workers": Rule("True or False", lambda v: isinstance(v, bool)),
+    # "safe" / "full", or the options of adaptrain.AdaptiveBatchSize (checked field by field there)
+    "adaptive_batch_size": Rule('None, "safe", "full" or a mapping of AdaptiveBatchSize options',
+                                lambda v: v is None or v in ("safe", "full") or isinstance(v, Mapping)
+                                or isinstance(v, AdaptiveBatchSize)),
     "seed": Rule(f"an integer from 0 to {MAX_SEED} or None",
                  lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED)),
 }

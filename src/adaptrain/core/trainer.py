@@ -119,6 +119,8 @@ class Trainer(TrainingLoop):
         check_trainer_settings(accumulate_grad_batches=accumulate_grad_batches, max_epochs=max_epochs,
                                log_every_n_steps=log_every_n_steps, gradient_clip_val=gradient_clip_val,
                                nan_policy=nan_policy, seed=seed, fast_dev_run=fast_dev_run,
+                               micro_batch_size=micro_batch_size, auto_num_workers=auto_num_workers,
+                               adaptive_batch_size=adaptive_batch_size,
                                **({} if isinstance(precision, Precision) else {"precision": precision}))
         self.device = resolve_device(device)
         self.model = model.to(self.device)
@@ -138,8 +140,6 @@ class Trainer(TrainingLoop):
         callbacks = list(callbacks or [])
         if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
-        if not isinstance(auto_num_workers, bool):
-            raise setting_error("auto_num_workers", auto_num_workers, "expected true or false.")
         if auto_num_workers and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
             callbacks.append(LoaderAutotune())
         self.callbacks = CallbackList(callbacks)
