@@ -13,8 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from adaptrain.core.batch_sizing import AdaptiveBatchSize
