@@ -8,6 +8,7 @@
     (``power`` and ``binsearch``, run in a separate venv as a subprocess): result, trials, seconds,
     and the result's samples/s over the best batch that fits.
 (c) The pure search on the test suite's simulated throughput curves, 5000 per noise level.
+(d) ``Trainer(adaptive_batch_size="full")`` end to end (its own probes on a real DataLoader) vs the sweep.
 
 Steps are the trainer's own (``Trainer.run_step``: forward, backward, optimizer step), on random
 batches; throughput is the median step time of >= 3 timed steps after one warm-up step, and the
@@ -15,6 +16,7 @@ model is restored after each probe (``state.snapshot`` / ``restore``), as the tr
 
     python benchmarks/batch_size.py                       # all three parts (~4 min on 2 cores)
     python benchmarks/batch_size.py --part simulated      # (c) alone, ~1 min
+    python benchmarks/batch_size.py --part trainer        # (d) alone, ~3 min
     python benchmarks/batch_size.py --part lightning --peers-python /work/peers-venv/bin/python
 """
 
@@ -185,6 +187,40 @@ def part_sweep(starts=(16, 64), repeats: int = 3, verbose: bool = False) -> list
     return lines
 
 
+def part_trainer(start: int = 16, repeats: int = 3) -> list[str]:
+    """(d) The shipped layer end to end: ``Trainer(adaptive_batch_size="full")``'s own search (its
+    probes: one warm-up and 3 wall-clock-timed steps of ``run_step`` on real batches of the train
+    loader's data set, under a CPU snapshot) vs the exhaustive sweep of (a)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adaptrain import AdaptiveBatchSize, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(DATASET, IN_FEATURES, generator=g), torch.randint(0, CLASSES, (DATASET,),
+                                                                                        generator=g))
+    lines = [f"(d) Trainer(adaptive_batch_size='full') from {start}, its own probes (wall clock, 3 steps), vs the "
+             "sweep; found/best: median of 5 back-to-back pairs"]
+    for name in MODELS:
+        runs = []
+        for _ in range(repeats):
+            torch.manual_seed(0)
+            model = MODELS[name]()
+            trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), nn.CrossEntropyLoss(),
+                              device="cpu", progress=False, adaptive_batch_size=AdaptiveBatchSize(mode="full"))
+            trainer.state.train_loader = DataLoader(data, batch_size=start, shuffle=True)
+            t = time.perf_counter()
+            found = trainer.batch_sizing.search(trainer)
+            runs.append((found, time.perf_counter() - t))
+        sizes = sorted(set(grid(start, DATASET)) | {p.batch_size for f, _ in runs for p in f.probes})
+        rates, sweep_s, noise = sweep(name, sizes)
+        best = max(rates, key=rates.get)
+        lines.append(f"{name}: sweep's best {best} (pass-to-pass spread {noise:.0%}); one sweep pass {sweep_s:.1f} s")
+        for found, secs in runs:
+            lines.append(f"  found {found.chosen:>6}  found/best {duel(name, found.chosen, best):.3f}  trials "
+                         f"{found.trials}  search {secs:.1f} s  ({sweep_s / secs:.1f}x faster than one pass)")
+    return lines
+
+
 def part_simulated(curves: int = 5000) -> list[str]:
     """The test suite's random throughput curves (saturating, declining, cliff, knee, sawtooth; a
     memory limit moving by 3 samples per probe), on many more seeds than the test asserts on."""
@@ -277,7 +313,7 @@ def part_lightning(peers_python: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["sweep", "lightning", "simulated", "all"], default="all")
+    parser.add_argument("--part", choices=["sweep", "lightning", "simulated", "trainer", "all"], default="all")
     parser.add_argument("--peers-python", default="/work/peers-venv/bin/python",
                         help="a Python with lightning installed, for part (b)")
     parser.add_argument("--threads", type=int, default=1)
@@ -299,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += part_lightning(args.peers_python)
     if args.part in ("simulated", "all"):
         lines += part_simulated()
+    if args.part in ("trainer", "all"):
+        lines += part_trainer()
     print("\n".join(lines))
     return 0
 
