@@ -362,3 +362,15 @@ def test_on_cpu_peak_rss_growth_decides_what_fits():
     assert peaks[64] > budget  # 64 samples hold 64 MiB of activations alone
     assert 2 <= found.chosen < 48 and peaks[found.chosen] <= budget
     assert peaks[found.chosen] > 2**20  # a real measurement: the step grew the process
+
+
+def test_fit_called_again_keeps_the_chosen_batch_and_lr_without_searching():
+    model = Limited(limit=100)
+    trainer = make(model, epochs=1, adaptive_batch_size="safe")
+    trainer.fit(loader(256))
+    chosen, lr, calls = trainer.batch_size, trainer.state.optimizer.param_groups[0]["lr"], model.calls
+    trainer.state.max_epochs = 2
+    trainer.fit(loader(256))
+    assert trainer.batch_size == chosen and trainer.state.optimizer.param_groups[0]["lr"] == lr
+    assert model.calls - calls == len(trainer.state.train_loader)  # one epoch of steps, no probe
+    assert len(trainer.state.history.adaptations) == 1

@@ -329,8 +329,13 @@ class BatchSizing:
         chosen = resumed["counters"].get("batch_size") if resumed is not None else state.batch_size
         state.batch_size = configured
         if resumed is not None or state.global_step > 0:  # micro_batch_size comes back with the counters
-            if self.options is not None and chosen is not None and configured is not None and chosen != configured:
+            if self.options is None or chosen is None or configured is None or chosen == configured:
+                return
+            if resumed is not None:  # as the interrupted run did; the checkpoint then puts back its exact LR
                 self.apply(trainer, configured, chosen)
+            else:  # fit() called again: LR, schedule and accumulation are already the adapted ones
+                trainer._install_train_loader(LoaderSpec.from_loader(state.train_loader).build(batch_size=chosen))
+                state.batch_size = chosen
             return
         if isinstance(self.micro, int):
             state.micro_batch_size = self.micro
