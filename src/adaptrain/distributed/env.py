@@ -6,6 +6,7 @@ the environment variables are what there is.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -46,3 +47,42 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+#: Collectives that wait longer than this fail instead of hanging (a rank that died, a deadlock).
+DEFAULT_TIMEOUT_S = float(os.environ.get("ADAPTRAIN_DIST_TIMEOUT_S", 300))
+
+
+def launched() -> bool:
+    """True under a launcher that started several processes (torchrun, or srun with torchrun's variables)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def ensure_process_group(device: torch.device | None = None) -> bool:
+    """Start the process group torchrun's environment describes (once; nccl on CUDA, gloo on the CPU).
+
+    Returns True when this process is part of a group of more than one. Idempotent: the CLI calls
+    it before making the run folder (rank zero makes it, the others are told where), the trainer
+    at ``fit``. A collective that waits longer than ``ADAPTRAIN_DIST_TIMEOUT_S`` (300 s) fails.
+    """
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if not launched():
+        return False
+    device = device or default_device()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    return True
+
+
+def broadcast_object(value: object, src: int = 0) -> object:
+    """``value`` as rank ``src`` has it, on every rank (a no-op on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
