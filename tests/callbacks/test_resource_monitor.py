@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from adaptrain import Callback, ResourceMonitor, Trainer
-from adaptrain.callbacks.adaptive.resources import RESOURCES_FILE, format_block
-from adaptrain.callbacks.adaptive.sampling import metric_values, summarize, verdict
+from adaptrain.callbacks.adaptive.resources import RESOURCES_FILE
+from adaptrain.callbacks.adaptive.sampling import format_block, metric_values, summarize, verdict
 from adaptrain.cli.main import main
 from adaptrain.loggers import CSVLogger
 from adaptrain.loggers.run_dir import RunDir
@@ -265,3 +265,17 @@ def test_format_block_lists_each_recommendation_with_its_reason():
     block = format_block("t", {"data_time": 5.0, "compute_time": 5.0, "data_share": 0.5}, found, recs)
     assert block.splitlines()[-2:] == ["  recommend data.num_workers: 4 (more workers)",
                                        "  recommend data.pin_memory: True (pinned)"]
+
+
+def test_the_host_reader_sees_this_process_working():
+    import os
+
+    from adaptrain.callbacks.adaptive.sampling import HostReader
+
+    host = HostReader()
+    total = 0
+    for i in range(2_000_000):  # a busy loop in this process: its own CPU clock advances
+        total += i
+    figures = host.read()
+    assert 0 < figures["process_cpu_percent"] <= 100 * (os.cpu_count() or 1) + 1
+    assert 0 < figures["ram_fraction"] < 1 and figures["ram_gb"] > 0.01  # torch is loaded

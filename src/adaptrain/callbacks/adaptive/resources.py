@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from adaptrain.callbacks.adaptive.sampling import (
     GpuReader,
     HostReader,
     copy_seconds,
+    format_block,
     metric_values,
     record_values,
     summarize,
@@ -221,54 +222,6 @@ class ResourceMonitor(Callback):
 
     def __repr__(self) -> str:
         return f"ResourceMonitor(every_n_steps={self.every_n_steps})"
-
-
-# ---------------------------------------------------------------------- the printed block (pure)
-def format_block(title: str, summary: Mapping[str, float], found: Bottleneck,
-                 recommendations: Mapping[str, Recommendation],
-                 adaptations: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The plain-text block printed at an epoch's end: averages, the bottleneck, what to change, what
-    the tuner changed (``history.adaptations`` entries). Lines only for what was measured.
-
-    Example:
-        >>> from adaptrain.tuning.bottleneck import name_bottleneck
-        >>> s = {"data_time": 9.0, "compute_time": 1.0, "data_share": 0.9, "samples_per_s": 320.0,
-        ...      "cpu_percent": 97.0, "process_cpu_percent": 99.0, "ram_gb": 0.5, "ram_fraction": 0.4}
-        >>> print(format_block("resources, epoch 1/3", s, name_bottleneck(9.0, 1.0),
-        ...                    {"data.num_workers": Recommendation(2, "more loader workers")},
-        ...                    [{"kind": "num_workers", "before": 0, "after": 2, "reason": "data-bound"}]))
-        resources, epoch 1/3
-          time: data wait 90% of step time (9.00s of 10.00s), 320 samples/s
-          host: CPU 97% (this process 99%, 100 = one core), RAM 0.50 GB process peak, 40% of the machine
-          bottleneck: data-bound: data wait 90% of step time (from 10% it is the bottleneck)
-          recommend data.num_workers: 2 (more loader workers)
-          tuner: num_workers 0 -> 2 (data-bound)
-    """
-    lines = [title]
-    step = summary.get("data_time", 0.0) + summary.get("compute_time", 0.0)
-    if step > 0:
-        line = (f"  time: data wait {summary['data_share']:.0%} of step time ({summary['data_time']:.2f}s of "
-                f"{step:.2f}s)")
-        if "samples_per_s" in summary:
-            line += f", {summary['samples_per_s']:,.0f} samples/s"
-        lines.append(line)
-    if "cpu_percent" in summary:
-        lines.append(f"  host: CPU {summary['cpu_percent']:.0f}% (this process {summary['process_cpu_percent']:.0f}%"
-                     f", 100 = one core), RAM {summary['ram_gb']:.2f} GB process peak, "
-                     f"{summary['ram_fraction']:.0%} of the machine")
-    gpu = [text.format(summary[key]) for key, text in (
-        ("gpu_util", "busy {:.0%}"), ("memory_fraction", "peak memory {:.0%} of the card"),
-        ("gpu_memory_gb", "{:.2f} GB in use"), ("transfer_share", "copies {:.0%} of step time"),
-        ("mfu", "MFU {:.1%}")) if key in summary]
-    if gpu:
-        lines.append("  gpu: " + ", ".join(gpu))
-    lines.append(f"  bottleneck: {found.reason}")
-    lines += [f"  recommend {key}: {rec.value} ({rec.reason})" for key, rec in recommendations.items()] or \
-        ["  recommend: nothing to change"]
-    for change in adaptations:
-        reason = f" ({change['reason']})" if change.get("reason") else ""
-        lines.append(f"  tuner: {change.get('kind', 'change')} {change.get('before')} -> {change.get('after')}{reason}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- what the run is
