@@ -261,10 +261,31 @@ def open_run(built: Built, verb: str, new_run: bool = False) -> OpenedRun | None
     ``fit`` from a checkpoint of a run folder continues that run (``new_run=False``): the folder
     is reused, the config is saved as ``config.resume-<n>.yaml`` beside the first one, and the
     MLflow logger finds its run id there. ``new_run=True`` always opens a new folder.
+
+    Under torchrun only rank zero does this (and gets the OpenedRun); every rank calls it, starts
+    the process group, and the others receive rank zero's folder (a broadcast) as ``trainer.run_dir``,
+    so ModelCheckpoint and ``trainer.run_dir`` agree everywhere. When rank zero fails here, it reports
+    its error and the others exit with the same code, silently.
     """
-    config = built.config
+    if not distributed.ensure_process_group(built.trainer.device):
+        return _open_run(built, verb, new_run) if distributed.is_global_zero() else None
     if not distributed.is_global_zero():
-        return None  # one folder per run: rank zero writes it
+        path, code = distributed.broadcast_object(None)
+        if path is None:
+            raise SystemExit(code)
+        built.trainer.run_dir = Path(path)
+        return None
+    try:
+        opened = _open_run(built, verb, new_run)
+    except BaseException as error:
+        distributed.broadcast_object((None, 2 if isinstance(error, (ConfigError, CheckpointError)) else 1))
+        raise
+    distributed.broadcast_object((str(opened.path), 0))
+    return opened
+
+
+def _open_run(built: Built, verb: str, new_run: bool) -> OpenedRun:
+    config = built.config
     previous = resumable_run(config["ckpt_path"]) if verb == "fit" and not new_run else None
     if previous is not None:
         opened = OpenedRun(previous, resumed=True)

@@ -6,6 +6,11 @@
     adaptrain profile  --config run.yaml            params, FLOPs, latency, memory of the model
     adaptrain bench    --config run.yaml --batch-sizes 16,32,64 --precisions 32,16-mixed,bf16-mixed
     adaptrain forecast runs/exp/run --metric val_acc --at 50
+    adaptrain fit      --config run.yaml --devices 2       2 processes on this node (torchrun --standalone)
+    adaptrain fit      --config run.yaml --devices 4 --num-nodes 2 --node-rank 0 --master-addr node0
+                                                           the same on node1 with --node-rank 1 (c10d rendezvous)
+    adaptrain slurm    --config run.yaml --nodes 2 --gpus-per-node 4 --time 12:00:00 [--submit]
+                                                           an sbatch script: srun + torchrun, requeue on preemption
 
 Everything is imported, checked and built before the run folder is created: a bad config exits
 with code 2 and one line naming the key, the file and what was expected, and writes nothing.
@@ -20,6 +25,10 @@ Exit codes:
     2    a bad config, argument or checkpoint, or a missing optional extra; before any work, or
          found once running (a monitored value no loader produces)
     130  interrupted (Ctrl-C); after saving a checkpoint, 143 on SIGTERM, 138 on SLURM's SIGUSR1
+
+``--devices N`` (see :mod:`adaptrain.cli.launch`) reruns the command under ``torchrun`` and exits with
+its exit code; under torchrun or srun (``WORLD_SIZE`` > 1) the command runs as it is, and only rank
+zero creates the run folder, writes in it and prints.
 
 ``fit`` with ``ckpt_path=runs/<exp>/<run>/checkpoints/<file>`` continues that run: the same folder
 (the config saved as ``config.resume-<n>.yaml``) and the same MLflow run; ``--new-run`` opens a new one.
@@ -41,12 +50,15 @@ from typing import Any, Sequence
 import torch
 
 from adaptrain.checkpoint.io import CheckpointError
+from adaptrain.cli import launch
 from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
 from adaptrain.cli.experiment import Built, build, first_loader, open_run
 from adaptrain.cli.instantiate import instantiate
+from adaptrain.cli.slurm import add_slurm_parser
 from adaptrain.core.batching import describe, unpack_batch
 from adaptrain.core.history import format_values
 from adaptrain.core.losses import split_loss
+from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError, MissingExtraError
 from adaptrain.loggers.base import Logger
 from adaptrain.loggers.run_dir import OpenedRun
@@ -78,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if extra:
             args.overrides = [*args.overrides, *extra]
+        args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # what --devices reruns under torchrun
     except SystemExit as exit_:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exit_.code or 0)
     if os.getcwd() not in sys.path:  # class_path may name a module in the current folder, as `python -m` allows
@@ -87,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every error becomes one line and an exit code
         return _report(error, getattr(args, "debug", False))
     except KeyboardInterrupt:
-        print("adaptrain: interrupted", file=sys.stderr)
+        _echo("adaptrain: interrupted", file=sys.stderr)
         return 130
     except SystemExit as exit_:  # e.g. a checkpoint saved on SIGTERM: 128 + the signal number
         return exit_.code if isinstance(exit_.code, int) else 1
@@ -100,7 +113,8 @@ def _report(error: Exception, debug: bool) -> int:
     code = 2 if isinstance(cause, _INPUT_ERRORS) else 1
     if debug:
         traceback.print_exception(cause, file=sys.stderr)
-    print(f"adaptrain: error: {failed.where + ': ' if failed else ''}{_describe(cause)}", file=sys.stderr)
+    rank = "" if distributed.is_global_zero() else f" (rank {distributed.rank()})"  # which worker, under torchrun
+    print(f"adaptrain: error{rank}: {failed.where + ': ' if failed else ''}{_describe(cause)}", file=sys.stderr)
     if failed and failed.log is not None:
         print(f"adaptrain: the traceback is in {failed.log}{'' if debug else ' (--debug prints it here)'}",
               file=sys.stderr)
@@ -126,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 "
                "optimizer.init_args.lr=0.01\n" + _EXIT_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True,
-                                  metavar="{fit,validate,test,predict,profile,bench,forecast}")
+                                  metavar="{fit,validate,test,predict,profile,bench,forecast,slurm}")
     config_args = argparse.ArgumentParser(add_help=False)
     config_args.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                              help="YAML config; repeat to merge several (later files win)")
@@ -138,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     for verb in _RUN_VERBS:
         sub = verbs.add_parser(verb, parents=[config_args], help=helps[verb], epilog=_EXIT_HELP)
         sub.set_defaults(run=_run_verb)
+        launch.add_launch_arguments(sub)
         if verb == "fit":
             sub.add_argument("--new-run", action="store_true",
                              help="with ckpt_path=<run>/checkpoints/<file>: resume into a new run folder and "
@@ -166,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     fc.add_argument("--plot", metavar="PNG", help="also plot the fits and the interval")
     fc.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
     fc.set_defaults(run=_forecast)
+    add_slurm_parser(verbs, [config_args], _EXIT_HELP)
     return parser
 
 
@@ -173,15 +189,24 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> dict[str, Any] | None:
     config = load_config(args.config, args.overrides)
     if args.print_config:
-        print(to_yaml(config), end="")
+        _echo(to_yaml(config), end="")
         return None
     return config
 
 
+def _echo(*values: Any, **options: Any) -> None:
+    """``print`` on rank zero only (every process of a torchrun job runs the same command)."""
+    if distributed.is_global_zero():
+        print(*values, **options)
+
+
 def _run_verb(args: argparse.Namespace) -> int:
-    config = _load(args)
+    plan = launch.launch_plan(args)  # bad launch flags: exit 2, one line, before anything else
+    config = _load(args)  # checked here too when relaunching: a bad config starts no process
     if config is None:
         return 0
+    if launch.should_launch(plan):
+        return launch.relaunch(args.argv, plan)
     built = build(config, args.verb)
     run = open_run(built, args.verb, new_run=getattr(args, "new_run", False))
     trainer, loaders = built.trainer, built.loaders
@@ -271,6 +296,8 @@ def _profile(args: argparse.Namespace) -> int:
     inputs, _ = unpack_batch(next(iter(built.loaders.train)), "train_loader")
     result = profile(built.trainer.model, example_inputs=inputs, device=built.trainer.device,
                      warmup=args.warmup, runs=args.runs)
+    if not distributed.is_global_zero():
+        return 0  # every rank measured; rank zero prints and writes
     result.print()
     if args.json:
         Path(args.json).write_text(result.to_json())
@@ -315,6 +342,8 @@ def _bench(args: argparse.Namespace) -> int:
                       criterion=lambda out, tgt: split_loss(criterion(out, tgt))[0],
                       optimizer_factory=lambda params: instantiate(config["optimizer"], "optimizer", params))
     run = open_run(built, "bench")  # only once the table exists: a failed bench leaves nothing behind
+    if not distributed.is_global_zero():
+        return 0  # rank zero prints and writes the table
     markdown = args.markdown or (run.path / "bench.md" if run else None)
     csv_path = args.csv or (run.path / "bench.csv" if run else None)
     print(table.to_markdown(markdown), end="")
@@ -334,17 +363,17 @@ def _forecast(args: argparse.Namespace) -> int:
     try:
         fc = forecast_history_file(path, args.metric, args.at, mode=args.mode, plot=args.plot)
     except ForecastError as error:
-        print(f"adaptrain: {error}", file=sys.stderr)
+        _echo(f"adaptrain: {error}", file=sys.stderr)
         return 1
-    print(f"{fc.metric} at epoch {fc.at:g}: {fc.value:.4g}  ({fc.level:.0%} interval {fc.low:.4g} .. {fc.high:.4g}; "
+    _echo(f"{fc.metric} at epoch {fc.at:g}: {fc.value:.4g}  ({fc.level:.0%} interval {fc.low:.4g} .. {fc.high:.4g}; "
           f"fitted on epochs {fc.segment_start:g}-{fc.epochs[-1]:g})")
     for name, fit in sorted(fc.families.items(), key=lambda kv: -kv[1].weight):
         if fit.weight > 0:
-            print(f"  {name:<17} weight {fit.weight:.2f}  predicts {fit.prediction:.4g}")
+            _echo(f"  {name:<17} weight {fit.weight:.2f}  predicts {fit.prediction:.4g}")
     for reason in fc.reasons:
-        print(f"  unreliable: {reason}")
+        _echo(f"  unreliable: {reason}")
     for note in fc.notes:
-        print(f"  note: {note}")
+        _echo(f"  note: {note}")
     return 0
 
 
