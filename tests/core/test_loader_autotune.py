@@ -1,0 +1,319 @@
+"""Trainer(auto_num_workers=True): the tuning phase, the rebuilt loaders, reproducibility, records, resume.
+
+The tuner's decisions depend on measured speed, so tests that assert a decision feed it fixed
+timings (``time_trial`` replaced); tests with real trials assert only what holds whatever the
+machine measures (same batches, same weights, an untouched state). Worker processes are slow to
+start on 2 cores: three tests start any.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from adaptrain import Callback, ConfigError, ModelCheckpoint, Trainer
+from adaptrain.core import loader_autotune
+from adaptrain.core.history import History
+from adaptrain.core.loader_autotune import LoaderAutotune
+from adaptrain.core.loader_trials import StableDataLoader, Timing, TooFewBatches, time_trial, trial_plan
+from adaptrain.tuning.loader_tuning import LoaderSettings, StartingPoint
+from tests.common import data
+
+HAS_ADAPTATIONS = hasattr(History(), "adaptations")
+
+
+def dropout_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # dropout draws from the global RNG: any extra draw changes the weights
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def make_trainer(model=None, callbacks=(), **kwargs) -> Trainer:
+    model = model or dropout_mlp()
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("seed", 0)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
+                   callbacks=list(callbacks), **kwargs)
+
+
+def shuffled(dataset, batch_size: int = 8, **kwargs) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(7),
+                      **kwargs)
+
+
+class Batches(Callback):
+    """Records every train batch's inputs, as the loop fetched them."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def before_batch(self, trainer):
+        self.seen.append(trainer.state.batch[0].clone())
+
+
+class Metrics(Callback):
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append(dict(metrics))
+
+
+def start_at(monkeypatch, workers: int, max_workers: int) -> LoaderSettings:
+    """Make the hardware starting point a fixed one (this machine's cores must not decide the test)."""
+    settings = LoaderSettings(workers, 2, persistent_workers=True)
+    monkeypatch.setattr(loader_autotune, "hardware_start",
+                        lambda trainer, loader: StartingPoint(settings, max_workers, f"num_workers={workers}: test"))
+    return settings
+
+
+def fake_trials(monkeypatch, rate_of, data_share: float = 0.5, seconds: float = 0.01) -> list[LoaderSettings]:
+    """Replace real trials by fixed timings: ``rate_of(settings)`` samples/s, 3 equal rounds."""
+    asked: list[LoaderSettings] = []
+
+    def fake(trainer, loader, settings, rounds=3):
+        asked.append(settings)
+        rate = rate_of(settings)
+        elapsed = 48 / rate  # 6 batches of 8
+        return Timing(settings, data_time=data_share * elapsed, compute_time=(1 - data_share) * elapsed,
+                      rates=[rate] * 3, samples=48, batches=6, ram_fraction=0.2, seconds=seconds)
+
+    monkeypatch.setattr(loader_autotune, "time_trial", fake)
+    return asked
+
+
+def no_trials(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a trial ran")
+
+    monkeypatch.setattr(loader_autotune, "time_trial", refuse)
+
+
+# ---------------------------------------------------------------- reproducibility (real workers)
+def test_tuned_run_with_two_workers_is_bit_identical_to_a_run_without_workers(monkeypatch):
+    """Real trials; whatever they measure, the tuner can only pick 2 workers here. 2 epochs and a val
+    loader without a generator: persistent workers that skipped an RNG draw would change epoch 2."""
+    train_set, val_set = data.classification(96), data.classification(32, seed=1)
+
+    reference_batches = Batches()
+    reference = make_trainer(callbacks=[reference_batches], max_epochs=2)
+    reference.fit(shuffled(train_set), DataLoader(val_set, batch_size=16, shuffle=True))
+
+    start_at(monkeypatch, workers=2, max_workers=2)
+    tuned_batches, tune = Batches(), LoaderAutotune(max_trials=1)
+    original = shuffled(train_set)
+    tuned = make_trainer(callbacks=[tuned_batches, tune], max_epochs=2, auto_num_workers=True)
+    tuned.fit(original, DataLoader(val_set, batch_size=16, shuffle=True))
+
+    assert tune.timings and tune.timings[0].samples > 0  # real steps were timed
+    assert tuned.state.train_loader is not original and isinstance(tuned.state.train_loader, StableDataLoader)
+    assert original.num_workers == 0 and tuned.loader_settings["num_workers"] == 2
+    assert tuned.loader_settings["persistent_workers"] is True
+    assert tuned.state.val_loader.num_workers == 2
+    assert len(tuned_batches.seen) == len(reference_batches.seen) == 24
+    assert all(torch.equal(a, b) for a, b in zip(tuned_batches.seen, reference_batches.seen))
+    for ours, theirs in zip(tuned.model.parameters(), reference.model.parameters()):
+        assert torch.equal(ours, theirs)
+    assert tuned.state.history["train_loss"] == reference.state.history["train_loss"]
+    assert tuned.state.history["val_loss"] == reference.state.history["val_loss"]
+
+
+def test_stable_loader_with_persistent_workers_draws_like_a_loader_without_workers():
+    dataset = TensorDataset(torch.arange(12))
+
+    def orders(loader):
+        torch.manual_seed(3)  # no generator: shuffle and base seed draw from the global RNG
+        epochs = [[b[0].tolist() for b in loader] for _ in range(3)]
+        return epochs, torch.rand(2)
+
+    plain = DataLoader(dataset, batch_size=4, shuffle=True)
+    stable = loader_autotune.stable_loader(plain, num_workers=1, persistent_workers=True)
+    (plain_epochs, plain_next), (stable_epochs, stable_next) = orders(plain), orders(stable)
+    assert stable.persistent_workers and stable.num_workers == 1 and stable.sampler is plain.sampler
+    assert stable_epochs == plain_epochs
+    assert torch.equal(stable_next, plain_next)
+
+
+# ---------------------------------------------------------------- the tuning phase leaves no trace
+class Snapshot(Callback):
+    """Copies what training depends on, at before_fit (placed before or after the tuner by ``order``)."""
+
+    def __init__(self, order: int) -> None:
+        self.order, self.taken = order, None
+
+    def before_fit(self, trainer):
+        state = trainer.state
+        self.taken = {
+            "params": [p.detach().clone() for p in trainer.model.parameters()],
+            "optimizer": copy.deepcopy(state.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(state.scheduler.state_dict()),
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(), "python": random.getstate(),
+            "loader": state.train_loader.generator.get_state(),
+            "counters": state.counters(), "lr": state.lr,
+        }
+
+
+def test_tuning_trains_nothing_and_leaves_every_rng_as_it_was(monkeypatch):
+    start_at(monkeypatch, workers=0, max_workers=0)  # real trials without worker processes
+    before, after, tune = Snapshot(order=-91), Snapshot(order=-89), LoaderAutotune()
+    trainer = make_trainer(callbacks=[before, after, tune], auto_num_workers=True, max_epochs=1,
+                           scheduler=lambda opt, total_steps: torch.optim.lr_scheduler.OneCycleLR(
+                               opt, max_lr=0.5, total_steps=total_steps))
+    trainer.fit(shuffled(data.classification(96)))
+    assert tune.timings and tune.timings[0].batches == 6  # 3 timed rounds of 2 real steps
+    a, b = before.taken, after.taken
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    assert a["optimizer"] == b["optimizer"] and a["optimizer"]["state"] == {}  # no momentum left from trials
+    assert a["scheduler"] == b["scheduler"] and a["lr"] == b["lr"]
+    assert torch.equal(a["torch"], b["torch"]) and (a["numpy"] == b["numpy"]).all() and a["python"] == b["python"]
+    assert torch.equal(a["loader"], b["loader"])
+    assert a["counters"] == b["counters"]
+
+
+def test_a_trial_times_real_steps_without_touching_the_run_loader():
+    trainer = make_trainer()
+    loader = shuffled(data.classification(64))
+    generator_state = loader.generator.get_state()
+    timing = time_trial(trainer, loader, LoaderSettings(0), rounds=3)
+    assert timing.batches == 6 and timing.samples == 48 and len(timing.rates) == 3
+    assert timing.data_time > 0 and timing.compute_time > 0 and timing.samples_per_s > 0
+    assert trainer.state.global_step == 8  # the warm-up round's 2 steps count too: the caller restores
+    assert torch.equal(loader.generator.get_state(), generator_state)
+
+
+def test_trial_plan_needs_a_warm_up_round_and_one_timed_round():
+    assert trial_plan(LoaderSettings(3), batches=20, rounds=3) == (3, 3, 3)
+    assert trial_plan(LoaderSettings(3), batches=8, rounds=3) == (3, 3, 1)
+    with pytest.raises(TooFewBatches, match="5 batches is too short to time num_workers=3"):
+        trial_plan(LoaderSettings(3), batches=5, rounds=3)
+
+
+# ---------------------------------------------------------------- decisions, applied and recorded
+def tuner_on(loader, val_loader=None, **options):
+    tune, metrics = LoaderAutotune(**options), Metrics()
+    trainer = make_trainer(callbacks=[tune, metrics], auto_num_workers=True)
+    trainer.state.train_loader, trainer.state.val_loader = loader, val_loader
+    return trainer, tune, metrics
+
+
+def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monkeypatch, capsys):
+    start_at(monkeypatch, workers=2, max_workers=4)
+    rates = {(2, 2): 100.0, (4, 2): 180.0, (4, 4): 182.0}
+    asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
+    val = DataLoader(data.classification(32), batch_size=16)
+    trainer, tune, metrics = tuner_on(shuffled(data.classification(96)), val, budget=0)
+    tune.before_fit(trainer)  # what fit calls; the rebuilt loaders are not iterated: no workers start
+
+    assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(2, 2), (4, 2), (4, 4)]
+    chosen = {"num_workers": 4, "prefetch_factor": 2, "pin_memory": False, "persistent_workers": True}
+    assert trainer.loader_settings == chosen and tune.chosen.as_dict() == chosen
+    assert trainer.state.train_loader.sampler.generator is not None  # the run's own sampler, kept
+    assert trainer.state.val_loader.num_workers == 4 and trainer.state.val_loader.persistent_workers
+    line = capsys.readouterr().out
+    assert "train loader num_workers=0 -> num_workers=4, prefetch_factor=2 (persistent)" in line
+    assert "prefetch_factor 2 -> 4 did not pay: 180.0 -> 182.0 samples/s" in line  # the settling verdict
+    assert "num_workers=2, prefetch_factor=2: 100.0, num_workers=4, prefetch_factor=2: 180.0" in line
+    assert "val loader num_workers=0 -> num_workers=4" in line
+    assert metrics.logged == [{"loader_num_workers": 4, "loader_prefetch_factor": 2,
+                               "loader_tuning_seconds": round(tune.seconds, 3)}]
+    if HAS_ADAPTATIONS:
+        (entry,) = trainer.state.history.adaptations
+        assert entry["kind"] == "loader" and entry["after"] == chosen and entry["before"]["num_workers"] == 0
+        assert entry["epoch"] == 1 and entry["step"] == 0 and len(entry["trials"]) == 3
+        assert entry["reason"] in line
+        assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # every verdict kept
+
+
+def test_a_compute_bound_loop_settles_after_one_trial_on_persistent_workers(monkeypatch, capsys):
+    start = start_at(monkeypatch, workers=2, max_workers=4)
+    asked = fake_trials(monkeypatch, lambda s: 100.0, data_share=0.02)
+    trainer, tune, _ = tuner_on(shuffled(data.classification(96)))
+    tune.before_fit(trainer)
+    assert asked == [start]
+    assert trainer.loader_settings == start.as_dict() and trainer.loader_settings["persistent_workers"]
+    assert "compute-bound (data wait 2% of step time" in capsys.readouterr().out
+
+
+def test_a_short_run_stops_tuning_at_its_budget(monkeypatch, capsys):
+    start_at(monkeypatch, workers=2, max_workers=4)
+    asked = fake_trials(monkeypatch, lambda s: 100.0 * s.num_workers, seconds=1.0)  # 1 s a trial, 12 batches a run
+    trainer, tune, _ = tuner_on(shuffled(data.classification(96)))
+    tune.before_fit(trainer)
+    assert len(asked) == 1 and trainer.loader_settings["num_workers"] == 2
+    line = capsys.readouterr().out
+    assert "not trying num_workers=4" in line and "past 3% of this run" in line
+
+
+def test_an_epoch_too_short_to_time_gets_the_unmeasured_starting_point(monkeypatch, capsys):
+    start_at(monkeypatch, workers=2, max_workers=2)
+    trainer, tune, _ = tuner_on(DataLoader(data.classification(24), batch_size=8))  # 3 batches
+    tune.before_fit(trainer)
+    assert trainer.loader_settings["num_workers"] == 2 and tune.timings == []
+    assert "3 batches is too short to time num_workers=2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loader, named", [
+    ([(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))], "a list, which cannot be rebuilt"),
+    (DataLoader(type("Stream", (IterableDataset,), {"__iter__": lambda self: iter([])})(), batch_size=4),
+     "an IterableDataset (Stream), whose batches depend on the worker count"),
+])
+def test_a_loader_that_cannot_be_tuned_is_named_before_any_step(monkeypatch, loader, named):
+    no_trials(monkeypatch)
+    trainer = make_trainer(auto_num_workers=True)
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(ConfigError, match="auto_num_workers is true, but the train loader is ") as error:
+        trainer.fit(loader)
+    assert named in str(error.value) and "set auto_num_workers to false" in str(error.value)
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, w) for p, w in zip(trainer.model.parameters(), weights))
+
+
+def test_fast_dev_run_does_not_tune(monkeypatch, capsys):
+    no_trials(monkeypatch)
+    trainer = make_trainer(auto_num_workers=True, fast_dev_run=2)
+    trainer.fit(shuffled(data.classification(96)))
+    assert trainer.loader_settings["num_workers"] == 0
+    assert "loader tuning skipped (fast_dev_run)" in capsys.readouterr().out
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match=r"LoaderAutotune\(rounds=...\) is 0; expected an int >= 1"):
+        LoaderAutotune(rounds=0)
+    with pytest.raises(ConfigError, match=r"LoaderAutotune\(budget=...\) is 2; expected a fraction"):
+        LoaderAutotune(budget=2)
+
+
+# ---------------------------------------------------------------- resume (one real worker)
+class Workers(Callback):
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def after_epoch(self, trainer):
+        self.seen.extend(trainer.state.train_loader._iterator._workers)
+
+
+def test_a_resumed_run_reapplies_the_chosen_settings_without_tuning(monkeypatch, tmp_path, capsys):
+    start_at(monkeypatch, workers=1, max_workers=2)
+    fake_trials(monkeypatch, lambda s: 100.0)  # nothing pays: 1 worker, persistent
+    workers = Workers()
+    first = make_trainer(callbacks=[ModelCheckpoint(tmp_path), workers], auto_num_workers=True, max_epochs=1)
+    first.fit(shuffled(data.classification(96)))
+    chosen = first.loader_settings
+    assert chosen["num_workers"] == 1 and chosen["persistent_workers"]
+    # Stopped at the end of fit: with ModelCheckpoint's signal handling they ignore SIGTERM, and left
+    # alive they kept the interpreter from exiting.
+    assert len(workers.seen) == 1 and not workers.seen[0].is_alive() and first.state.train_loader._iterator is None
+
+    no_trials(monkeypatch)
+    capsys.readouterr()
+    resumed = make_trainer(callbacks=[ModelCheckpoint(tmp_path)], auto_num_workers=True, max_epochs=2)
+    resumed.fit(shuffled(data.classification(96)), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.loader_settings == chosen
+    assert "num_workers=1, prefetch_factor=2 (persistent) (chosen earlier in this run; not tuned again)" in \
+        capsys.readouterr().out
+    assert len(resumed.state.history.records) == 2
