@@ -120,6 +120,26 @@ def test_the_tuners_adjustments_are_shown_once(capsys):
     assert out.count("tuner: num_workers 0 -> 2 (data wait 95%)") == 1
 
 
+@pytest.mark.gpu
+def test_on_cuda_a_slow_loader_is_named_data_with_the_gpu_fields(capsys):
+    warm = torch.ones(8, 8, device="cuda", requires_grad=True)  # cuBLAS's one-off start-up is not the run's compute
+    (warm @ warm).sum().backward()
+    monitor = ResourceMonitor(every_n_steps=2, flops_per_sample=1e3, peak_flops=1e12)
+    trainer = data_bound_fit(monitor, epochs=2, progress=False, device="cuda")
+    assert monitor.bottleneck == "data", monitor.verdict
+    assert {"memory_fraction", "transfer_time", "transfer_share", "mfu"} <= set(monitor.summary)
+    assert monitor.summary["transfer_time"] <= monitor.summary["compute_time"]
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert {"gpu_util", "gpu_memory_gb"} <= set(monitor.summary), "NVML fields missing"
+    assert "resource_gpu_memory_percent" in trainer.state.history.keys
+    assert "  gpu: " in capsys.readouterr().out
+    assert monitor.recommendations["data.pin_memory"].value is True  # the loader did not pin
+
+
 # ---------------------------------------------------------------------- loggers and the run folder
 def test_metrics_reach_the_csv_and_resources_yaml_is_written(tmp_path):
     folder = tmp_path / "exp" / "run"
