@@ -131,18 +131,10 @@ class RecordRank(Callback):
         (self.folder / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
-class BlockAtFirstStep(Callback):
-    """After the first optimizer step: write ``pid-<rank>`` into ``folder``, then wait (60 s at most) for
-    a signal; the test signals the launcher once every rank is waiting."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-
-    def after_step(self, trainer):
-        if trainer.state.global_step == 1:
-            (self.folder / f"pid-{os.environ.get('RANK', 0)}").write_text(str(os.getpid()))
-            for _ in range(1200):
-                time.sleep(0.05)
+def quick_config(root: Path, **sections) -> dict:
+    """The tiny config without what costs seconds per process and is not under test here (torchmetrics'
+    import, the history plot): each worker imports and builds everything again."""
+    return base_config(root, metrics={}, loggers={"csv": {"plot": False}}, **sections)
 
 
 def free_port() -> int:
@@ -180,7 +172,7 @@ def ranks(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_devices_2_runs_two_ranks_with_one_run_folder(tmp_path):
-    config = base_config(tmp_path / "runs", callbacks=[{"class_path": "tests.cli.test_launch.RecordRank",
+    config = quick_config(tmp_path / "runs", callbacks=[{"class_path": "tests.cli.test_launch.RecordRank",
                                                         "init_args": {"folder": str(tmp_path)}}])
     config_file = write_config(tmp_path / "run.yaml", config)
     done = subprocess.run(adaptrain("fit", "--config", str(config_file), "--devices", "2"),
@@ -196,7 +188,7 @@ def test_devices_2_runs_two_ranks_with_one_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_two_nodes_simulated_on_one_machine(tmp_path):
-    config = base_config(tmp_path / "runs", callbacks=[{"class_path": "tests.cli.test_launch.RecordRank",
+    config = quick_config(tmp_path / "runs", callbacks=[{"class_path": "tests.cli.test_launch.RecordRank",
                                                         "init_args": {"folder": str(tmp_path)}}])
     config_file = write_config(tmp_path / "run.yaml", config)
     port = str(free_port())
@@ -212,22 +204,37 @@ def test_two_nodes_simulated_on_one_machine(tmp_path):
     assert [(r["rank"], r["world_size"], r["local_rank"]) for r in seen] == [(0, 2, 0), (1, 2, 0)]
 
 
+WAITING_WORKER = """
+import os, pathlib, sys, time
+pathlib.Path(sys.argv[1], "pid-" + os.environ["RANK"]).write_text(str(os.getpid()))
+time.sleep(120)  # until a signal ends it
+"""
+
+LAUNCHER = """
+import sys
+from adaptrain.cli.launch import run_forwarding_signals
+sys.exit(run_forwarding_signals(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_the_launcher_stops_every_worker(tmp_path):
-    config = base_config(tmp_path / "runs", callbacks=[{"class_path": "tests.cli.test_launch.BlockAtFirstStep",
-                                                        "init_args": {"folder": str(tmp_path)}}])
-    config_file = write_config(tmp_path / "run.yaml", config)
-    parent = subprocess.Popen(adaptrain("fit", "--config", str(config_file), "--devices", "2"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
-                              cwd=tmp_path)
+    """The launcher's forwarding with the real torchrun and two real workers (plain scripts: the
+    forwarding, not training, is under test; `fit --devices 2` itself runs in the test above)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WAITING_WORKER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(worker), str(tmp_path)]
+    parent = subprocess.Popen([sys.executable, "-c", LAUNCHER, *torchrun], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=environment())
     markers = [tmp_path / "pid-0", tmp_path / "pid-1"]
-    for _ in range(2400):  # both ranks took a step and wait (a sync on files, not a time budget)
+    for _ in range(2400):  # both workers run (a sync on files, not a time budget)
         if all(m.is_file() and m.read_text() for m in markers) or parent.poll() is not None:
             break
         time.sleep(0.05)
     assert parent.poll() is None, parent.communicate()
     workers = [int(m.read_text()) for m in markers]
-    parent.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends to the launcher
+    parent.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends to the launcher (its group: itself)
     _, err = parent.communicate(timeout=120)
     assert parent.returncode == 130, err
     assert not [pid for pid in workers if _alive(pid)], err  # torchrun stopped and reaped them

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -110,10 +111,10 @@ def launch_plan(args: argparse.Namespace) -> LaunchPlan:
     if nodes == 1:
         for flag, value in (("--master-addr", address), ("--master-port", args.master_port)):
             if value is not None:
-                _fail(flag, f'is "{value}", but --num-nodes is 1: one node uses torchrun --standalone (a free '
+                _fail(flag, f'is {_show(value)}, but --num-nodes is 1: one node uses torchrun --standalone (a free '
                       "local port); give it with --num-nodes > 1.")
     elif address is None or not address.strip() or any(c.isspace() for c in address):
-        shown = "missing" if address is None else f'"{address}"'
+        shown = "missing" if address is None else _show(address)
         _fail("--master-addr", f"is {shown}; expected the host name or IP of the node with --node-rank 0 "
               f"(needed with --num-nodes {nodes}).")
     plan = LaunchPlan(devices, nodes, node_rank, address, port, args.devices is not None or args.num_nodes is not None)
@@ -129,12 +130,17 @@ def _integer(text: str | None, flag: str, low: int, what: str, default: int) -> 
     except ValueError:
         value = low - 1
     if value < low:
-        _fail(flag, f'is "{text}"; expected an integer >= {low} ({what}).')
+        _fail(flag, f'is {_show(text)}; expected an integer >= {low} ({what}).')
     return value
 
 
 def _fail(flag: str, message: str) -> None:
     raise ConfigError(flag, message, COMMAND_LINE)
+
+
+def _show(value: object) -> str:
+    """A value in an error message: quoted, with a newline or tab escaped (the message stays one line)."""
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _check_environment(plan: LaunchPlan) -> None:
