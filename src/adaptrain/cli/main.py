@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     if os.getcwd() not in sys.path:  # class_path may name a module in the current folder, as `python -m` allows
         sys.path.insert(0, os.getcwd())
+    grouped = _group_started()
     try:
         return args.run(args)
     except Exception as error:  # noqa: BLE001 - every error becomes one line and an exit code
@@ -104,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as exit_:  # e.g. a checkpoint saved on SIGTERM: 128 + the signal number
         return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        if not grouped and _group_started():  # this command started it (NCCL warns when not ended)
+            torch.distributed.destroy_process_group()
+
+
+def _group_started() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _report(error: Exception, debug: bool) -> int:
