@@ -106,13 +106,13 @@ def test_tuned_run_with_two_workers_is_bit_identical_to_a_run_without_workers(mo
 
     start_at(monkeypatch, workers=2, max_workers=2)
     tuned_batches, tune = Batches(), LoaderAutotune(max_trials=1)
-    original = shuffled(train_set)
+    original = shuffled(train_set, num_workers=1)  # given with workers: no num_workers=0 baseline to keep
     tuned = make_trainer(callbacks=[tuned_batches, tune], max_epochs=2, auto_num_workers=True)
     tuned.fit(original, DataLoader(val_set, batch_size=16, shuffle=True))
 
     assert tune.timings and tune.timings[0].samples > 0  # real steps were timed
     assert tuned.state.train_loader is not original and isinstance(tuned.state.train_loader, StableDataLoader)
-    assert original.num_workers == 0 and tuned.loader_settings["num_workers"] == 2
+    assert original.num_workers == 1 and tuned.loader_settings["num_workers"] == 2
     assert tuned.loader_settings["persistent_workers"] is True
     assert tuned.state.val_loader.num_workers == 2
     assert len(tuned_batches.seen) == len(reference_batches.seen) == 24
@@ -203,13 +203,14 @@ def tuner_on(loader, val_loader=None, **options):
 
 def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monkeypatch, capsys):
     start_at(monkeypatch, workers=2, max_workers=4)
-    rates = {(2, 2): 100.0, (4, 2): 180.0, (4, 4): 182.0}
+    rates = {(0, None): 60.0, (2, 2): 100.0, (4, 2): 180.0, (4, 4): 182.0}
     asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
     val = DataLoader(data.classification(32), batch_size=16)
     trainer, tune, metrics = tuner_on(shuffled(data.classification(96)), val, budget=0)
     tune.before_fit(trainer)  # what fit calls; the rebuilt loaders are not iterated: no workers start
 
-    assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(2, 2), (4, 2), (4, 4)]
+    # the loader as given first (no workers to start), then the tuner from the hardware start
+    assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (2, 2), (4, 2), (4, 4)]
     chosen = {"num_workers": 4, "prefetch_factor": 2, "pin_memory": False, "persistent_workers": True}
     assert trainer.loader_settings == chosen and tune.chosen.as_dict() == chosen
     assert trainer.state.train_loader.sampler.generator is not None  # the run's own sampler, kept
@@ -217,36 +218,58 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
     line = capsys.readouterr().out
     assert "train loader num_workers=0 -> num_workers=4, prefetch_factor=2 (persistent)" in line
     assert "prefetch_factor 2 -> 4 did not pay: 180.0 -> 182.0 samples/s" in line  # the settling verdict
-    assert "num_workers=2, prefetch_factor=2: 100.0, num_workers=4, prefetch_factor=2: 180.0" in line
+    assert "[num_workers=0: 60.0, num_workers=2, prefetch_factor=2: 100.0, num_workers=4, prefetch_factor=2: 180.0" \
+        in line
     assert "val loader num_workers=0 -> num_workers=4" in line
     assert metrics.logged == [{"loader_num_workers": 4, "loader_prefetch_factor": 2,
                                "loader_tuning_seconds": round(tune.seconds, 3)}]
     if HAS_ADAPTATIONS:
         (entry,) = trainer.state.history.adaptations
         assert entry["kind"] == "loader" and entry["after"] == chosen and entry["before"]["num_workers"] == 0
-        assert entry["epoch"] == 1 and entry["step"] == 0 and len(entry["trials"]) == 3
+        assert entry["epoch"] == 1 and entry["step"] == 0 and len(entry["trials"]) == 4
         assert entry["reason"] in line
-        assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # every verdict kept
+        assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # the tuner's verdicts
 
 
-def test_a_compute_bound_loop_settles_after_one_trial_on_persistent_workers(monkeypatch, capsys):
-    start = start_at(monkeypatch, workers=2, max_workers=4)
+def test_a_compute_bound_loop_without_workers_keeps_them_off_after_one_trial(monkeypatch, capsys):
+    start_at(monkeypatch, workers=2, max_workers=4)
     asked = fake_trials(monkeypatch, lambda s: 100.0, data_share=0.02)
     trainer, tune, _ = tuner_on(shuffled(data.classification(96)))
+    tune.before_fit(trainer)
+    assert asked == [LoaderSettings(0)]  # no worker was started to find that out
+    assert trainer.loader_settings["num_workers"] == 0
+    assert "kept num_workers=0: compute-bound as given (data wait 2% of step time" in capsys.readouterr().out
+
+
+def test_a_compute_bound_loop_with_workers_settles_after_one_trial_on_persistent_ones(monkeypatch, capsys):
+    start = start_at(monkeypatch, workers=2, max_workers=4)
+    asked = fake_trials(monkeypatch, lambda s: 100.0, data_share=0.02)
+    trainer, tune, _ = tuner_on(shuffled(data.classification(96), num_workers=1))
     tune.before_fit(trainer)
     assert asked == [start]
     assert trainer.loader_settings == start.as_dict() and trainer.loader_settings["persistent_workers"]
     assert "compute-bound (data wait 2% of step time" in capsys.readouterr().out
 
 
+def test_workers_measured_slower_than_loading_in_the_main_process_are_not_taken(monkeypatch, capsys):
+    start_at(monkeypatch, workers=2, max_workers=4)
+    rates = {(0, None): 150.0, (2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
+    fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
+    trainer, tune, _ = tuner_on(shuffled(data.classification(96)), budget=0)
+    tune.before_fit(trainer)
+    assert trainer.loader_settings["num_workers"] == 0 and len(tune.timings) > 2
+    assert "the loader as given (num_workers=0) measured faster: 150.0 vs 120.0 samples/s" in capsys.readouterr().out
+
+
 def test_a_short_run_stops_tuning_at_its_budget(monkeypatch, capsys):
     start_at(monkeypatch, workers=2, max_workers=4)
-    asked = fake_trials(monkeypatch, lambda s: 100.0 * s.num_workers, seconds=1.0)  # 1 s a trial, 12 batches a run
+    # 1 s a trial, 12 batches a run: after the given loader and the start, no time is left for 4 workers
+    asked = fake_trials(monkeypatch, lambda s: 100.0 * max(s.num_workers, 1), seconds=1.0)
     trainer, tune, _ = tuner_on(shuffled(data.classification(96)))
     tune.before_fit(trainer)
-    assert len(asked) == 1 and trainer.loader_settings["num_workers"] == 2
+    assert len(asked) == 2 and trainer.loader_settings["num_workers"] == 2
     line = capsys.readouterr().out
-    assert "not trying num_workers=4" in line and "past 3% of this run" in line
+    assert "not trying num_workers=4" in line and "past 5% of this run" in line
 
 
 def test_an_epoch_too_short_to_time_gets_the_unmeasured_starting_point(monkeypatch, capsys):
@@ -254,7 +277,7 @@ def test_an_epoch_too_short_to_time_gets_the_unmeasured_starting_point(monkeypat
     trainer, tune, _ = tuner_on(DataLoader(data.classification(24), batch_size=8))  # 3 batches
     tune.before_fit(trainer)
     assert trainer.loader_settings["num_workers"] == 2 and tune.timings == []
-    assert "3 batches is too short to time num_workers=2" in capsys.readouterr().out
+    assert "an epoch of 3 batches is too short to time" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("loader, named", [

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -157,6 +158,11 @@ class Timing:
         return (self.data_time + self.compute_time) / self.batches if self.batches else 0.0
 
     @property
+    def median_rate(self) -> float:
+        """The median of the rounds' samples/s (what the tuner compares: one slow round does not move it)."""
+        return statistics.median(self.rates) if self.rates else self.samples_per_s
+
+    @property
     def samples_per_s(self) -> float:
         """Throughput over the timed rounds."""
         elapsed = self.data_time + self.compute_time
@@ -165,6 +171,7 @@ class Timing:
     def as_dict(self) -> dict[str, Any]:
         """Plain numbers for the adaptation record (checkpoint-safe)."""
         return {**self.settings.as_dict(), "samples_per_s": round(self.samples_per_s, 2),
+                "median_rate": round(self.median_rate, 2),
                 "data_time": round(self.data_time, 4), "compute_time": round(self.compute_time, 4),
                 "ram_fraction": self.ram_fraction, "seconds": round(self.seconds, 3)}
 
