@@ -11,9 +11,8 @@ import torch
 
 from adaptrain.callbacks.early_stopping import missing_monitor_error
 from adaptrain.callbacks.signals import SignalHandler
-from adaptrain.checkpoint.io import link_atomic
+from adaptrain.checkpoint.io import link_atomic, write_checkpoint
 from adaptrain.core.callback import CheckpointSaver
-from adaptrain.core.resume import save_checkpoint
 from adaptrain.errors import ConfigError, NonFiniteWeightsError
 
 if TYPE_CHECKING:
@@ -181,7 +180,9 @@ class ModelCheckpoint(CheckpointSaver):
     # ------------------------------------------------------------------ saving and ranking
     def _save(self, trainer: Trainer, value: float | None, force_last: bool = False) -> None:
         self._check_finite(trainer)  # on every rank: they all stop together, none waits in a collective
+        contents = trainer.state.state_dict()  # on every rank: under FSDP, gathering the state is a collective
         if not trainer.is_global_zero:
+            self._saved_at = _position(trainer)  # every rank agrees on what is saved (after_fit asks)
             return
         state, folder = trainer.state, self.directory(trainer)
         name = self._file_name(state, value)
@@ -190,12 +191,12 @@ class ModelCheckpoint(CheckpointSaver):
         try:
             # The checkpoint holds this callback's state after the save, superseded files included,
             # so a run killed before deleting them deletes them when it resumes.
-            target = save_checkpoint(trainer, folder / name) if name in keep else None
+            target = write_checkpoint(contents, folder / name) if name in keep else None
             if self.save_last or force_last:
                 if target is not None:
                     link_atomic(target, folder / LAST)  # a hard link: the same bytes are not written twice
                 else:
-                    save_checkpoint(trainer, folder / LAST)
+                    write_checkpoint(contents, folder / LAST)
         except BaseException:
             self.best, self.recent, self.superseded = before
             raise

@@ -92,6 +92,7 @@ class TrainerConfig:
     adaptive_batch_size: Any = None  # null, "safe", "full", or {mode: full, lr_scaling: sqrt, ...}
     micro_batch_size: Any = None  # null, "auto", or samples per micro-batch
     auto_num_workers: bool = False  # tune num_workers / prefetch_factor by measurement, for this run
+    strategy: str = "auto"  # several processes (torchrun): "ddp", "fsdp", or "auto" (DDP when world size > 1)
 
 
 @dataclass

@@ -126,6 +126,9 @@ class TrainingLoop:
             set_rng_state(state.epoch_start_rng)
             set_loader_rng_state(state.train_loader, state.epoch_start_rng.get("loader"))
         state.epoch_start_rng = {**rng_state(), "loader": loader_rng_state(state.train_loader)}
+        set_epoch = getattr(getattr(state.train_loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:  # a DistributedSampler: the epoch's order, the same on resume
+            set_epoch(state.epoch)
         batches = iter(state.train_loader)
         if not resuming:
             return batches
@@ -178,22 +181,35 @@ class TrainingLoop:
         state, window = self.state, self.state.window
         micro_batches = split_micro_batches(inputs, targets, state.micro_batch_size)
         if not window.samples:  # the first batch of the window decides (a recompute starts the window again)
-            window.weighted = state.accumulate_grad_batches > 1 or len(micro_batches) > 1
-            window.reference = batch_samples
+            window.weighted = state.accumulate_grad_batches > 1 or len(micro_batches) > 1 or self.strategy is not None
+            # several ranks: one constant for all (see distributed.strategy: the step's exact mean over ranks)
+            window.reference = (state.batch_size or 1) if self.strategy is not None else batch_samples
         keep_outputs = bool(state.train_sums.metrics.entries)  # metrics need them at commit; nothing else does
-        for micro_inputs, micro_targets in micro_batches:
-            outputs, loss, parts = self._forward(micro_inputs, micro_targets, "train_loader")
-            size = batch_size_of(micro_inputs, micro_targets) if len(micro_batches) > 1 else batch_samples
-            state.outputs, state.loss = outputs, loss
-            if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
-                state.skipped_batches += 1
-                continue
-            window.tracked.append((loss.detach(), parts, _detached(outputs) if keep_outputs else None,
-                                   micro_targets if keep_outputs else None, size, tag))
-            # Weighted by its share of the window's first batch (about 1, so fp16 gradients do not grow
-            # with the batch size); _step divides by samples / reference: one big batch's gradient.
-            state.precision.backward(loss * (size / window.reference) if window.weighted else loss)
-            window.samples += size
+        closes = tag == 0 or tag % state.accumulate_grad_batches == 0 or tag == state.num_batches
+        for index, (micro_inputs, micro_targets) in enumerate(micro_batches):
+            if self.strategy is not None:  # gradients all-reduce only in the window's last backward
+                with self.strategy.gradient_sync(self._forward_model, closes and index == len(micro_batches) - 1):
+                    self._micro_step(micro_inputs, micro_targets, len(micro_batches), batch_samples, tag, keep_outputs)
+                window.synced = closes
+            else:
+                self._micro_step(micro_inputs, micro_targets, len(micro_batches), batch_samples, tag, keep_outputs)
+
+    def _micro_step(self, micro_inputs: Any, micro_targets: Any, pieces: int, batch_samples: int, tag: int,
+                    keep_outputs: bool) -> None:
+        """Forward and backward of one micro-batch; its values wait in the window for the step."""
+        state, window = self.state, self.state.window
+        outputs, loss, parts = self._forward(micro_inputs, micro_targets, "train_loader")
+        size = batch_size_of(micro_inputs, micro_targets) if pieces > 1 else batch_samples
+        state.outputs, state.loss = outputs, loss
+        if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
+            state.skipped_batches += 1
+            return
+        window.tracked.append((loss.detach(), parts, _detached(outputs) if keep_outputs else None,
+                               micro_targets if keep_outputs else None, size, tag))
+        # Weighted by its share of the window's first batch (about 1, so fp16 gradients do not grow
+        # with the batch size); _step divides by samples / reference: one big batch's gradient.
+        state.precision.backward(loss * (size / window.reference) if window.weighted else loss)
+        window.samples += size
 
     def run_step(self, batch: Any, events: bool = False) -> None:
         """One optimizer step on ``batch`` through the loop's own path (micro-batches, precision, clipping,
@@ -267,9 +283,15 @@ class TrainingLoop:
     def _step(self, events: bool = True) -> None:
         """Gradients of the window made true (averaged, unscaled, clipped), then the step stage."""
         state, window = self.state, self.state.window
+        if self.strategy is not None:
+            if not window.synced:  # the window ended without its synchronised backward (a loader without len)
+                self.strategy.all_reduce_gradients(state.optimizer)
+            factor = window.reference * self.strategy.world_size / self.strategy.step_samples(window.samples)
+        else:
+            factor = window.reference / window.samples
         if window.weighted:
             grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, window.reference / window.samples)
+            torch._foreach_mul_(grads, factor)
         state.precision.unscale(state.optimizer)  # before_step sees true gradients; GradScaler.step reuses found_inf
         if self.gradient_clip_val is not None:
             params = [p for group in state.optimizer.param_groups for p in group["params"]]
@@ -300,13 +322,15 @@ class TrainingLoop:
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.window.clear()
 
-    def _forward(self, inputs: Any, targets: Any, loader_name: str) -> tuple[Any, torch.Tensor, dict]:
-        """Move the batch, run the model and the criterion; errors name the culprit."""
+    def _forward(self, inputs: Any, targets: Any, loader_name: str,
+                 model: Any = None) -> tuple[Any, torch.Tensor, dict]:
+        """Move the batch, run the model (``model``, default: the training one) and the criterion;
+        errors name the culprit."""
         if self.device.type != "cpu":  # loaders yield CPU tensors: on the CPU there is nothing to move
             inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         with self.state.precision.autocast():
             try:
-                outputs = call_model(self._forward_model, inputs)
+                outputs = call_model(model or self._forward_model, inputs)
             except Exception as error:
                 _reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
                                        f"{describe(inputs)} from {loader_name}")
@@ -374,14 +398,22 @@ class TrainingLoop:
         """The loader, cut to ``limit_batches`` batches in a dry run (``fast_dev_run``)."""
         return itertools.islice(loader, self.limit_batches) if self.limit_batches else loader
 
-    @torch.inference_mode()
+    def _no_grad(self) -> Any:
+        """``inference_mode`` for evaluation; ``no_grad`` under FSDP, whose unsharded parameters made
+        in inference mode could not be updated in place by the next training step."""
+        return torch.no_grad() if self.strategy is not None and self.strategy.name == "fsdp" else torch.inference_mode()
+
     def _run_eval(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
+        with self._no_grad():
+            return self._evaluate(loader, prefix, loader_name)
+
+    def _evaluate(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
         self.model.eval()
         self.val_metrics.reset()
         losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
         for batch in loader:
             inputs, targets = unpack_batch(batch, loader_name)
-            outputs, loss, parts = self._forward(inputs, targets, loader_name)
+            outputs, loss, parts = self._forward(inputs, targets, loader_name, self._eval_model)
             batch_size = batch_size_of(inputs, targets)
             for name, value in {"loss": loss, **parts}.items():
                 losses.setdefault(name, WeightedMean()).update(value, batch_size)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from adaptrain.core.batching import describe, select
+from adaptrain.distributed.env import sum_over_ranks
 from adaptrain.errors import MetricError
 
 
@@ -76,10 +77,13 @@ class WeightedMean:
         return None
 
     def compute(self) -> float | None:
+        """The mean over every sample seen; on several ranks, over every rank's samples (a collective)."""
         self.flush()
-        if self.total is None or self.count == 0:
+        total = float(self.total) if self.total is not None else 0.0  # a host-device sync point
+        total, count = sum_over_ranks([total, float(self.count)])
+        if count == 0:
             return None
-        return float(self.total) / self.count  # a host-device sync point
+        return total / count
 
     def reset(self) -> None:
         self.total, self.count = None, 0

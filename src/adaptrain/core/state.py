@@ -42,11 +42,12 @@ class Window:
     tracked: list[tuple] = field(default_factory=list)  # (loss, parts, outputs, targets, batch size, batch index)
     weighted: bool = False  # losses scaled by their share of `reference` samples (accumulation or micro-batches)
     reference: int = 1  # samples of the window's first batch
+    synced: bool = False  # several ranks: the window's gradients were all-reduced by its last backward
 
     def clear(self) -> None:
         self.batches.clear()
         self.tracked.clear()
-        self.samples, self.weighted, self.reference = 0, False, 1
+        self.samples, self.weighted, self.reference, self.synced = 0, False, 1, False
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainState:
     precision: Precision
     train_sums: RunningSums
     callbacks: CallbackList | None = None  # their state_dicts are checkpointed under state_key
+    strategy: Any = None  # DDP / FSDP on several processes: how the model's and optimizer's state is gathered
     scheduler: Any = None
     scheduler_interval: str = "epoch"
     max_epochs: int = 1
@@ -135,8 +137,9 @@ class TrainState:
         """
         return {
             "meta": self.meta(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.strategy.model_state_dict(self.model) if self.strategy else self.model.state_dict(),
+            "optimizer": (self.strategy.optimizer_state_dict(self.model, self.optimizer) if self.strategy
+                          else self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "precision": self.precision.state_dict(),
             "counters": self.counters(),
@@ -154,8 +157,12 @@ class TrainState:
         order, skips the samples already trained and then restores the RNG and the epoch's sums; without
         it (:meth:`restore`) everything is applied at once.
         """
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.strategy is not None:
+            self.strategy.load_model(self.model, ckpt["model"])
+            self.strategy.load_optimizer(self.model, self.optimizer, ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None and ckpt["scheduler"] is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from adaptrain.core import parallel
 from adaptrain.core.batch_sizing import AdaptiveBatchSize, BatchSizing
 from adaptrain.core.batching import call_model, describe, detach_cpu, rebuild, to_device, unpack_batch
 from adaptrain.core.callback import Callback, CallbackList
@@ -77,6 +78,8 @@ class Trainer(TrainingLoop):
         micro_batch_size: split each batch into micro-batches of this many samples (gradients equal
             the whole batch's); ``"auto"``: the largest that fits. With either adaptive setting, an
             out-of-memory error mid-run halves the micro-batch and redoes the same step.
+        strategy: on several processes (under ``torchrun``): ``"ddp"``, ``"fsdp"`` (FSDP2,
+            ``fully_shard``), or ``"auto"`` (DDP when the world size is > 1, nothing otherwise).
         auto_num_workers: tune the train loader's ``num_workers`` / ``prefetch_factor`` by
             measurement at the start of ``fit`` and apply them to this run (``trainer.loader_settings``).
 
@@ -114,13 +117,14 @@ class Trainer(TrainingLoop):
         adaptive_batch_size: str | AdaptiveBatchSize | None = None,
         micro_batch_size: int | str | None = None,
         auto_num_workers: bool = False,
+        strategy: str = "auto",
     ) -> None:
         _check_objects(model, optimizer, metrics)
         check_trainer_settings(accumulate_grad_batches=accumulate_grad_batches, max_epochs=max_epochs,
                                log_every_n_steps=log_every_n_steps, gradient_clip_val=gradient_clip_val,
                                nan_policy=nan_policy, seed=seed, fast_dev_run=fast_dev_run,
                                micro_batch_size=micro_batch_size, auto_num_workers=auto_num_workers,
-                               adaptive_batch_size=adaptive_batch_size,
+                               adaptive_batch_size=adaptive_batch_size, strategy=strategy,
                                **({} if isinstance(precision, Precision) else {"precision": precision}))
         self.device = resolve_device(device)
         self.model = model.to(self.device)
@@ -134,7 +138,10 @@ class Trainer(TrainingLoop):
         self.nan_policy = nan_policy
         self.log_every_n_steps = log_every_n_steps
         self.limit_batches: int | None = int(fast_dev_run) or None  # batches per epoch and per validation
-        self._forward_model = torch.compile(model) if compile else model
+        self.compile = compile
+        self._forward_model = self._eval_model = self._compile(model)  # DDP trains through its wrapper only
+        self.strategy_name = strategy
+        self.strategy: Any = None  # the running DDP / FSDP strategy, started at fit under torchrun
         self.batch_sizing = BatchSizing(adaptive_batch_size, micro_batch_size)
         self._schedule = LRSchedule(scheduler)
         callbacks = list(callbacks or [])
@@ -158,6 +165,9 @@ class Trainer(TrainingLoop):
     @micro_batch_size.setter
     def micro_batch_size(self, size: int | None) -> None:
         self.state.micro_batch_size = size
+
+    def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(model) if self.compile else model
 
     @property
     def batch_size(self) -> int | None:
@@ -199,6 +209,7 @@ class Trainer(TrainingLoop):
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
         self.batch_sizing.prepare(self, checkpoint[1] if checkpoint else None)  # may rebuild the loader
+        parallel.setup(self)  # several processes: wrap the model, shard the loaders (after the local search)
         state.steps_per_epoch = self._steps_per_epoch(state.train_loader)
         self._schedule.setup(state)
         if checkpoint is not None:
@@ -224,23 +235,27 @@ class Trainer(TrainingLoop):
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on ``loader``; returns ``{"val_loss": ..., "val_<metric>": ...}``."""
         results: dict[str, float] = {}  # not state.epoch_logs: a call from a callback mid-fit must not clobber it
+        loader = parallel.shard_eval(self, loader)
         self._with_events("validate", lambda: results.update(self._run_eval(loader, "val", "val_loader")))
         return results
 
     def test(self, loader: Iterable) -> dict[str, float]:
         """Like :meth:`validate`, with keys prefixed ``test_``; fires no validation events."""
-        return self._run_eval(loader, "test", "test_loader")
+        return self._run_eval(parallel.shard_eval(self, loader), "test", "test_loader")
 
-    @torch.inference_mode()
     def predict(self, loader: Iterable) -> Any:
         """Model outputs over ``loader`` (batches of inputs, or (inputs, targets)), concatenated on CPU."""
+        with self._no_grad():
+            return self._predict(loader)
+
+    def _predict(self, loader: Iterable) -> Any:
         self.model.eval()
         outputs = []
         for batch in loader:
             inputs = _prediction_inputs(batch)
             with self.precision.autocast():
                 try:
-                    outputs.append(detach_cpu(call_model(self._forward_model, to_device(inputs, self.device))))
+                    outputs.append(detach_cpu(call_model(self._eval_model, to_device(inputs, self.device))))
                 except TypeError as error:
                     pair = isinstance(batch, (tuple, list)) and len(batch) == 2
                     hint = (" A batch of two items is read as (inputs, targets); for a model with two inputs, give "

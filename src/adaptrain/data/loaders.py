@@ -100,6 +100,14 @@ class LoaderSpec:
         return DataLoader(spec.dataset, batch_size=spec.batch_size, sampler=spec.sampler, drop_last=spec.drop_last,
                           **kwargs)
 
+    def with_sampler(self, sampler: Any) -> DataLoader:
+        """A new ``DataLoader`` drawing indices from ``sampler`` (a ``DistributedSampler``: this rank's
+        share), batched as before, everything else kept."""
+        if self.batch_sampler is not None or self.batch_size is None:
+            raise LoaderError("the loader batches with its own batch sampler, so its sampler cannot be replaced; "
+                              "give it a DistributedSampler yourself, or build it with batch_size=....")
+        return dataclasses.replace(self, sampler=sampler).build()
+
     def settings(self) -> dict[str, Any]:
         """The changeable settings as they are now (what ``trainer.loader_settings`` reports)."""
         return {name: getattr(self, name) for name in CHANGEABLE}

@@ -86,3 +86,16 @@ def broadcast_object(value: object, src: int = 0) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over every rank (float64; ``values`` itself on one process).
+
+    Every rank must call it at the same point (it is a collective).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from adaptrain.core.callback import Callback
 from adaptrain.core.events import CancelValidateException
+from adaptrain.distributed.env import broadcast_object
 from adaptrain.tuning.validation import ValidationPlan, estimate_val_seconds, should_validate, validation_interval
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ class AdaptiveTrainScheduling(Callback):
         trained = state.batch_idx - first_batch
         if self.train_seconds is None and trained > 0:
             # A resumed (or cancelled) epoch trains only part of its batches: scale to the whole epoch.
-            self.train_seconds = (self.clock() - began) * max(state.num_batches or 0, state.batch_idx) / trained
+            seconds = (self.clock() - began) * max(state.num_batches or 0, state.batch_idx) / trained
+            self.train_seconds = broadcast_object(seconds)  # rank zero's: every rank must plan alike
 
     def before_validate(self, trainer: Trainer) -> None:
         state, epoch = trainer.state, trainer.state.epoch + 1
@@ -121,7 +123,7 @@ class AdaptiveTrainScheduling(Callback):
             return  # skipped (by this callback or another), or a trainer.validate() call
         self.validated_epochs.append(trainer.state.epoch + 1)
         if self.val_seconds is None:  # the first validation: its real cost replaces the estimate, once
-            self.val_seconds = max(self.clock() - self._started[0], 0.0)
+            self.val_seconds = broadcast_object(max(self.clock() - self._started[0], 0.0))
             self._plan(trainer, self.val_seconds, "measured")
 
     # ------------------------------------------------------------------ planning
