@@ -89,3 +89,13 @@ def test_a_rank_that_raises_ends_the_job_with_an_error(tmp_path):
     assert result.returncode != 0
     assert "rank 1 fails at step 3 (injected)" in result.stderr
     assert not (tmp_path / "fail" / "weights.pt").exists()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    result = torchrun(tmp_path / "sig", "--strategy", "ddp", "--checkpoint-dir", str(ckpt),
+                      "--signal-rank", "1", "--signal-step", "3")  # SIGTERM to rank 1 alone, after step 3
+    assert result.returncode != 0  # torchrun reports the workers' 143
+    assert "rank 0 interrupted at step 3" in result.stdout and "rank 1 interrupted at step 3" in result.stdout
+    assert [p.name for p in ckpt.iterdir()] == ["last.ckpt"]
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["counters"]["global_step"] == 3

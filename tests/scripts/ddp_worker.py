@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -41,6 +42,17 @@ class FailAt(Callback):
     def after_step(self, trainer):
         if int(os.environ.get("RANK", 0)) == self.rank and trainer.state.global_step == self.step:
             raise RuntimeError(f"rank {self.rank} fails at step {self.step} (injected)")
+
+
+class SignalAt(Callback):
+    """Sends SIGTERM to this process only, on one rank, after a given step (torchrun would send it to all)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def after_step(self, trainer):
+        if int(os.environ.get("RANK", 0)) == self.rank and trainer.state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def mean_abs_error(outputs, targets):  # a plain callable metric: all-reduced with sample weights
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume")
     parser.add_argument("--fail-rank", type=int)
     parser.add_argument("--fail-step", type=int)
+    parser.add_argument("--signal-rank", type=int)
+    parser.add_argument("--signal-step", type=int)
     parser.add_argument("--uneven", action="store_true", help="pre-cut batches, the last step uneven over ranks")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -90,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     callbacks = [CSVLogger(run_dir=out / "run", plot=False)]
     if args.checkpoint_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, monitor="val_loss", every_n_epochs=1))
+    if args.signal_rank is not None:
+        callbacks.append(SignalAt(args.signal_rank, args.signal_step))
     if args.fail_rank is not None:
         callbacks.append(FailAt(args.fail_rank, args.fail_step))
     metrics = {"acc": torchmetrics.classification.MulticlassAccuracy(num_classes=3, average="micro"),
@@ -97,7 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), metrics=metrics, max_epochs=args.epochs,
                       accumulate_grad_batches=args.accumulate, strategy=args.strategy, seed=7, device="cpu",
                       progress=False, callbacks=callbacks, log_every_n_steps=2)
-    trainer.fit(train_loader, DataLoader(val, batch_size=4), ckpt_path=args.resume)
+    try:
+        trainer.fit(train_loader, DataLoader(val, batch_size=4), ckpt_path=args.resume)
+    except SystemExit as stop:  # a signal: the checkpoint is written; say where this rank stopped
+        print(f"rank {os.environ.get('RANK', 0)} interrupted at step {trainer.state.global_step}", flush=True)
+        raise SystemExit(stop.code) from None
     weights = trainer.strategy.model_state_dict(model) if trainer.strategy else model.state_dict()
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptrain.core.callback import Callback, CheckpointSaver
+from adaptrain.distributed.env import barrier, max_over_ranks, world_size
 from adaptrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -166,12 +167,22 @@ class SignalHandler(Callback):
         raise TrainingInterrupted(signum, None, self.received_step, None)
 
     def after_step(self, trainer: Trainer) -> None:
-        if self.received is not None:
+        if self._agreed(trainer) is not None:
             self._stop(trainer)
 
     def after_epoch(self, trainer: Trainer) -> None:
-        if self.received is not None:  # the signal came during validation: the epoch end is as clean
+        if self._agreed(trainer) is not None:  # the signal came during validation: the epoch end is as clean
             self._stop(trainer)
+
+    def _agreed(self, trainer: Trainer) -> int | None:
+        """The signal to act on now. On several ranks every rank asks every step (one all-reduce of one
+        number): a signal seen by any rank stops all of them at this same step, with one checkpoint;
+        each rank otherwise meets its signal a step apart and the others wait in a collective."""
+        if world_size() > 1:
+            seen = max_over_ranks(self.received or 0)
+            if seen and self.received is None:
+                self.received, self.received_step = seen, trainer.state.global_step
+        return self.received
 
     def after_fit(self, trainer: Trainer) -> None:
         received = self.received
@@ -195,7 +206,9 @@ class SignalHandler(Callback):
         signum, self.received = self.received, None
         self.restore()
         path = self.checkpoint.save_now(trainer)
-        requeued = signum == getattr(signal, "SIGUSR1", None) and self.requeue and requeue_slurm_job()
+        barrier()  # no rank exits (and makes torchrun stop the rest) before rank zero has written the file
+        requeued = (signum == getattr(signal, "SIGUSR1", None) and self.requeue and trainer.is_global_zero
+                    and requeue_slurm_job())  # one requeue for the job, not one per rank
         error = TrainingInterrupted(signum, path, self.received_step, trainer.state.global_step, requeued)
         trainer.print(str(error))
         trainer.state.interrupt = error  # raised by the loop once every callback has seen this event
