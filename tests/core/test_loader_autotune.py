@@ -182,13 +182,14 @@ def test_a_trial_times_real_steps_without_touching_the_run_loader():
     timing = time_trial(trainer, loader, LoaderSettings(0), rounds=3)
     assert timing.batches == 6 and timing.samples == 48 and len(timing.rates) == 3
     assert timing.data_time > 0 and timing.compute_time > 0 and timing.samples_per_s > 0
-    assert trainer.state.global_step == 8  # the warm-up round's 2 steps count too: the caller restores
+    assert trainer.state.global_step == 7  # the warm-up step counts too: the caller restores
     assert torch.equal(loader.generator.get_state(), generator_state)
 
 
 def test_trial_plan_needs_a_warm_up_round_and_one_timed_round():
     assert trial_plan(LoaderSettings(3), batches=20, rounds=3) == (3, 3, 3)
     assert trial_plan(LoaderSettings(3), batches=8, rounds=3) == (3, 3, 1)
+    assert trial_plan(LoaderSettings(0), batches=20, rounds=3) == (1, 2, 3)  # no workers: one warm-up batch
     with pytest.raises(TooFewBatches, match="5 batches is too short to time num_workers=3"):
         trial_plan(LoaderSettings(3), batches=5, rounds=3)
 
@@ -274,10 +275,20 @@ def test_a_short_run_stops_tuning_at_its_budget(monkeypatch, capsys):
 
 def test_an_epoch_too_short_to_time_gets_the_unmeasured_starting_point(monkeypatch, capsys):
     start_at(monkeypatch, workers=2, max_workers=2)
-    trainer, tune, _ = tuner_on(DataLoader(data.classification(24), batch_size=8))  # 3 batches
+    trainer, tune, _ = tuner_on(DataLoader(data.classification(16), batch_size=8))  # 2 batches
     tune.before_fit(trainer)
     assert trainer.loader_settings["num_workers"] == 2 and tune.timings == []
-    assert "an epoch of 3 batches is too short to time" in capsys.readouterr().out
+    assert "an epoch of 2 batches is too short to time num_workers=0: the hardware starting point, unmeasured" \
+        in capsys.readouterr().out
+
+
+def test_an_epoch_too_short_for_workers_keeps_the_loader_as_given_when_it_was_timed(monkeypatch):
+    """3 batches: enough to time the given loader (real steps), too few for 2 workers. Compute-bound
+    or not (the machine decides), what was measured is kept: never an unmeasured change over it."""
+    start_at(monkeypatch, workers=2, max_workers=2)
+    trainer, tune, _ = tuner_on(DataLoader(data.classification(24), batch_size=8))
+    tune.before_fit(trainer)
+    assert trainer.loader_settings["num_workers"] == 0 and len(tune.timings) == 1
 
 
 @pytest.mark.parametrize("loader, named", [

@@ -181,18 +181,19 @@ def trial_plan(settings: LoaderSettings, batches: int | None, rounds: int) -> tu
 
     A round is one batch per worker (at least 2): workers started together deliver their batches
     together, so a round is the unit of steady delivery; the first round (worker start-up, the first
-    step's allocations) is run but not timed.
+    step's allocations) is run but not timed. Without workers there is no start-up: one batch warms up.
 
     Example:
-        >>> trial_plan(LoaderSettings(4), batches=100, rounds=3), trial_plan(LoaderSettings(0), 5, 3)
-        ((4, 4, 3), (2, 2, 1))
+        >>> trial_plan(LoaderSettings(4), batches=100, rounds=3), trial_plan(LoaderSettings(0), 4, 3)
+        ((4, 4, 3), (1, 2, 1))
     """
     per_round = max(settings.num_workers, 2)
+    warmup = per_round if settings.num_workers else 1
     if batches is not None:
-        rounds = min(rounds, (batches - per_round) // per_round)
+        rounds = min(rounds, (batches - warmup) // per_round)
     if rounds < 1:
         raise TooFewBatches(f"an epoch of {batches} batches is too short to time {settings.describe()}")
-    return per_round, per_round, rounds
+    return warmup, per_round, rounds
 
 
 def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, rounds: int = 3) -> Timing:
