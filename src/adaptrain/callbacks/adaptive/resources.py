@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from adaptrain.callbacks.adaptive.sampling import (
     GpuReader,
     HostReader,
@@ -46,9 +48,12 @@ from adaptrain.callbacks.adaptive.sampling import (
     summarize,
     verdict,
 )
+from adaptrain.core.batching import split_micro_batches, to_device, unpack_batch
 from adaptrain.core.callback import Callback
 from adaptrain.core.loader_autotune import LoaderAutotune
 from adaptrain.data.loaders import loader_batch_size
+from adaptrain.profiling.bench import peak_flops
+from adaptrain.profiling.measure import count_flops
 from adaptrain.tuning.bottleneck import Bottleneck, Recommendation, recommend, to_yaml
 
 if TYPE_CHECKING:
@@ -79,10 +84,11 @@ class ResourceMonitor(Callback):
     Args:
         every_n_steps: train batches between measurements (as ``log_every_n_steps`` counts them).
         flops_per_sample: training FLOPs of one sample (forward and backward), for the model FLOP
-            utilisation on CUDA: ``adaptrain.profile(model, input_shapes=...).train_flops``.
-        peak_flops: the device's peak FLOP/s for the run's precision, e.g.
-            ``adaptrain.profiling.bench.peak_flops(torch.cuda.get_device_name(), "bf16-mixed")``.
-            MFU is reported when both are given and the run trains on CUDA.
+            utilisation on CUDA. None: counted once on CUDA with ``adaptrain.profile``'s counter
+            (``profiling.measure.count_flops``) on one sample of the first measured batch.
+        peak_flops: the device's peak FLOP/s for the run's precision. None: from the bench's table
+            (``adaptrain.profiling.bench.peak_flops``; a GPU it does not know gets no MFU).
+            MFU is reported only when the run trains on CUDA.
         summary: print the block at the end of each epoch (through ``trainer.print``).
 
     After ``fit``: :attr:`bottleneck` (one of ``"data"``, ``"compute"``, ``"memory"``, ``"transfer"``),
@@ -201,12 +207,29 @@ class ResourceMonitor(Callback):
             if state.batch is not None:  # the copy runs inside the compute span: never more than it
                 window["transfer_time"] = min(copy_seconds(state.batch, trainer.device) * window["batches"],
                                               window["compute_time"])
+            if self.flops_per_sample is None and state.batch is not None:
+                self._count_flops(trainer)
             if self.flops_per_sample and self.peak_flops and window["seconds"] > 0:
                 window["mfu"] = self.flops_per_sample * window["samples"] / window["seconds"] / self.peak_flops
         self._windows.append(window)
         self._run_windows.append(window)
         trainer.log_metrics(metric_values(summarize([window]), suffix="_step"))
         self._set_mark(trainer, now, state.data_time, state.compute_time)
+
+    def _count_flops(self, trainer: Trainer) -> None:
+        """On CUDA, once: the training FLOPs of one sample (``adaptrain.profile``'s counter, on one sample of
+        the current batch) and the device's peak for the run's precision (the bench's table; None for a
+        GPU it does not know: then no MFU)."""
+        self.flops_per_sample = 0.0  # counted once, whatever happens
+        try:
+            inputs, targets = unpack_batch(trainer.state.batch, "train_loader")
+            one = to_device(split_micro_batches(inputs, targets, 1)[0][0], trainer.device)  # one sample
+            counted = count_flops(trainer.model, one).train
+        except Exception:  # noqa: BLE001 - a model the counter cannot trace gets no MFU, the run goes on
+            return
+        self.flops_per_sample = float(counted or 0)
+        if self.peak_flops is None:
+            self.peak_flops = peak_flops(torch.cuda.get_device_name(trainer.device), trainer.precision_name)
 
     def _recommend(self, trainer: Trainer, found: Bottleneck) -> dict[str, Recommendation]:
         cuda = trainer.device.type == "cuda"
