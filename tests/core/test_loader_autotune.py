@@ -252,14 +252,15 @@ def test_a_compute_bound_loop_with_workers_settles_after_one_trial_on_persistent
     assert "compute-bound (data wait 2% of step time" in capsys.readouterr().out
 
 
-def test_workers_measured_slower_than_loading_in_the_main_process_are_not_taken(monkeypatch, capsys):
+def test_a_data_bound_loop_is_tuned_even_when_loading_in_the_main_process_measured_faster(monkeypatch):
+    """One round without workers is a rough measurement (other load can halve a worker trial): a
+    data-bound loop takes the search's result, never the given loader as a baseline to beat."""
     start_at(monkeypatch, workers=2, max_workers=4)
     rates = {(0, None): 150.0, (2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
     fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
     trainer, tune, _ = tuner_on(shuffled(data.classification(96)), budget=0)
     tune.before_fit(trainer)
-    assert trainer.loader_settings["num_workers"] == 0 and len(tune.timings) > 2
-    assert "the loader as given (num_workers=0) measured faster: 150.0 vs 120.0 samples/s" in capsys.readouterr().out
+    assert trainer.loader_settings["num_workers"] == 4 and len(tune.timings) == 4
 
 
 def test_a_short_run_stops_tuning_at_its_budget(monkeypatch, capsys):
