@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume")
     parser.add_argument("--fail-rank", type=int)
     parser.add_argument("--fail-step", type=int)
+    parser.add_argument("--auto-num-workers", action="store_true")
     parser.add_argument("--signal-rank", type=int)
     parser.add_argument("--signal-step", type=int)
     parser.add_argument("--uneven", action="store_true", help="pre-cut batches, the last step uneven over ranks")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                "err": mean_abs_error}
     trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), metrics=metrics, max_epochs=args.epochs,
                       accumulate_grad_batches=args.accumulate, strategy=args.strategy, seed=7, device="cpu",
-                      progress=False, callbacks=callbacks, log_every_n_steps=2)
+                      progress=False, callbacks=callbacks, log_every_n_steps=2, auto_num_workers=args.auto_num_workers)
     try:
         trainer.fit(train_loader, DataLoader(val, batch_size=4), ckpt_path=args.resume)
     except SystemExit as stop:  # a signal: the checkpoint is written; say where this rank stopped

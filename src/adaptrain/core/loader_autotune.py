@@ -128,7 +128,7 @@ class LoaderAutotune(Callback):
             trainer.print("adaptrain: loader tuning skipped (fast_dev_run)")
             return
         started = time.perf_counter()
-        decision = self.tune(trainer)
+        decision = self.tune(trainer) if trainer.strategy is None else self._ranks_start(trainer)
         val_before = self._apply(trainer, decision.settings, decision.settings if self.tune_val else None)
         self.seconds = time.perf_counter() - started
         self._record(trainer, before, decision, val_before)
@@ -152,6 +152,14 @@ class LoaderAutotune(Callback):
                 loader._iterator = None
 
     # ------------------------------------------------------------------ tuning
+    def _ranks_start(self, trainer: Trainer) -> Decision:
+        """Several ranks: the hardware starting point (this node's cores divided among its ranks), no
+        trials. Each trial step goes through DDP's collectives, and ranks timing different candidates
+        (their measurements differ) would wait on each other for good."""
+        self.start = hardware_start(trainer, trainer.state.train_loader)
+        return Decision("settle", self.start.settings, "several ranks: the hardware starting point (cores "
+                        "divided among the node's ranks), not timed: trials on each rank would desynchronise")
+
     def tune(self, trainer: Trainer) -> Decision:
         """Time the tuner's candidates on real, undone steps; returns the settling decision (nothing applied).
 
