@@ -99,30 +99,31 @@ def launch_plan(args: argparse.Namespace) -> LaunchPlan:
         Traceback (most recent call last):
         adaptrain.errors.ConfigError: command line: --devices is "0"; expected an integer >= 1 (processes on this node).
     """
-    devices = _integer(args.devices, "--devices", 1, "processes on this node", default=1)
-    nodes = _integer(args.num_nodes, "--num-nodes", 1, "nodes taking part", default=1)
-    node_rank = _integer(args.node_rank, "--node-rank", 0, "this node's index", default=0)
+    devices = integer(args.devices, "--devices", 1, "processes on this node", default=1)
+    nodes = integer(args.num_nodes, "--num-nodes", 1, "nodes taking part", default=1)
+    node_rank = integer(args.node_rank, "--node-rank", 0, "this node's index", default=0)
     if node_rank >= nodes:
-        _fail("--node-rank", f'is {node_rank}; expected 0 .. {nodes - 1} (--num-nodes is {nodes}).')
-    port = _integer(args.master_port, "--master-port", 1, "a TCP port", default=DEFAULT_PORT)
+        fail("--node-rank", f'is {node_rank}; expected 0 .. {nodes - 1} (--num-nodes is {nodes}).')
+    port = integer(args.master_port, "--master-port", 1, "a TCP port", default=DEFAULT_PORT)
     if port > 65535:
-        _fail("--master-port", f'is {port}; expected a TCP port, 1 .. 65535.')
+        fail("--master-port", f'is {port}; expected a TCP port, 1 .. 65535.')
     address = args.master_addr
     if nodes == 1:
         for flag, value in (("--master-addr", address), ("--master-port", args.master_port)):
             if value is not None:
-                _fail(flag, f'is {_show(value)}, but --num-nodes is 1: one node uses torchrun --standalone (a free '
+                fail(flag, f'is {show(value)}, but --num-nodes is 1: one node uses torchrun --standalone (a free '
                       "local port); give it with --num-nodes > 1.")
     elif address is None or not address.strip() or any(c.isspace() for c in address):
-        shown = "missing" if address is None else _show(address)
-        _fail("--master-addr", f"is {shown}; expected the host name or IP of the node with --node-rank 0 "
+        shown = "missing" if address is None else show(address)
+        fail("--master-addr", f"is {shown}; expected the host name or IP of the node with --node-rank 0 "
               f"(needed with --num-nodes {nodes}).")
     plan = LaunchPlan(devices, nodes, node_rank, address, port, args.devices is not None or args.num_nodes is not None)
     _check_environment(plan)
     return plan
 
 
-def _integer(text: str | None, flag: str, low: int, what: str, default: int) -> int:
+def integer(text: str | None, flag: str, low: int, what: str, default: int) -> int:
+    """``text`` as an integer >= ``low`` (``default`` when None); a ConfigError naming ``flag`` otherwise."""
     if text is None:
         return default
     try:
@@ -130,15 +131,16 @@ def _integer(text: str | None, flag: str, low: int, what: str, default: int) -> 
     except ValueError:
         value = low - 1
     if value < low:
-        _fail(flag, f'is {_show(text)}; expected an integer >= {low} ({what}).')
+        fail(flag, f'is {show(text)}; expected an integer >= {low} ({what}).')
     return value
 
 
-def _fail(flag: str, message: str) -> None:
+def fail(flag: str, message: str) -> None:
+    """A bad command-line flag: one ConfigError naming it (the CLI exits 2)."""
     raise ConfigError(flag, message, COMMAND_LINE)
 
 
-def _show(value: object) -> str:
+def show(value: object) -> str:
     """A value in an error message: quoted, with a newline or tab escaped (the message stays one line)."""
     return json.dumps(str(value), ensure_ascii=False)
 
@@ -149,7 +151,7 @@ def _check_environment(plan: LaunchPlan) -> None:
     if distributed.launched():
         size = distributed.world_size()
         if plan.given and plan.world_size != size:
-            _fail("--devices", f"asks for {plan.devices} process(es) x {plan.num_nodes} node(s), but this process "
+            fail("--devices", f"asks for {plan.devices} process(es) x {plan.num_nodes} node(s), but this process "
                   f"already runs under a launcher with WORLD_SIZE={size} (torchrun or srun started it); drop "
                   "--devices / --num-nodes there, the launcher decides.")
         return
@@ -157,11 +159,11 @@ def _check_environment(plan: LaunchPlan) -> None:
         return
     tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
     if tasks > 1 and "SLURM_STEP_ID" in os.environ:
-        _fail("--devices", f"under srun with {tasks} tasks would start torchrun in each task; run torchrun "
+        fail("--devices", f"under srun with {tasks} tasks would start torchrun in each task; run torchrun "
               "inside srun instead (`adaptrain slurm` writes such a script), or srun a single task.")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and plan.devices > gpus:
-        _fail("--devices", f"is {plan.devices}, but this node has {gpus} CUDA device(s); expected at most {gpus} "
+        fail("--devices", f"is {plan.devices}, but this node has {gpus} CUDA device(s); expected at most {gpus} "
               "(one process per GPU).")
 
 

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
-from adaptrain.cli.launch import DEFAULT_PORT
+from adaptrain.cli.launch import DEFAULT_PORT, fail, integer, show
 from adaptrain.errors import ConfigError
 
 _SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,+-]*$")  # a job name or partition list in an #SBATCH line
@@ -107,9 +106,9 @@ def run_slurm(args: argparse.Namespace) -> int:
                           "drop --submit to only write the script.", COMMAND_LINE)
     target = Path(args.output) if args.output else Path(args.config[-1]).with_suffix(".sbatch")
     if target.is_dir():
-        raise ConfigError("--output", f'is {_show(target)}, a folder; expected the script file to write.', COMMAND_LINE)
+        raise ConfigError("--output", f'is {show(target)}, a folder; expected the script file to write.', COMMAND_LINE)
     if not target.parent.is_dir():
-        raise ConfigError("--output", f'is {_show(target)}, whose folder does not exist.', COMMAND_LINE)
+        raise ConfigError("--output", f'is {show(target)}, whose folder does not exist.', COMMAND_LINE)
     text = sbatch_script(config, options, [Path(c).resolve() for c in args.config], args.overrides)
     _write_atomic(target, text)
     print(f"sbatch script: {target}")
@@ -129,34 +128,19 @@ def slurm_options(args: argparse.Namespace, config: Mapping[str, Any]) -> SlurmO
     workers = config["data"].get("num_workers") or 0
     cpus = _count(args.cpus_per_task, "--cpus-per-task", "CPUs") if args.cpus_per_task else gpus * (1 + workers)
     if args.time is not None and not _SLURM_TIME.match(args.time):
-        _fail("--time", f'is {_show(args.time)}; expected HH:MM:SS (or MM, MM:SS, D-HH:MM:SS), e.g. 12:00:00.')
+        fail("--time", f'is {show(args.time)}; expected HH:MM:SS (or MM, MM:SS, D-HH:MM:SS), e.g. 12:00:00.')
     for flag, value in (("--partition", args.partition), ("--job-name", args.job_name)):
         if value is not None and not _SAFE_DIRECTIVE.match(value):
-            _fail(flag, f'is {_show(value)}; expected letters, digits and ._,+- (it goes into an #SBATCH line).')
+            fail(flag, f'is {show(value)}; expected letters, digits and ._,+- (it goes into an #SBATCH line).')
     port = _count(args.master_port, "--master-port", "a TCP port") if args.master_port else DEFAULT_PORT
     if port > 65535:
-        _fail("--master-port", f"is {port}; expected a TCP port, 1 .. 65535.")
+        fail("--master-port", f"is {port}; expected a TCP port, 1 .. 65535.")
     return SlurmOptions(nodes, gpus, cpus, args.time, args.partition, args.job_name or str(config["experiment"]),
                         port)
 
 
 def _count(text: str, flag: str, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        _fail(flag, f'is {_show(text)}; expected an integer >= 1 ({what}).')
-    return value
-
-
-def _fail(flag: str, message: str) -> None:
-    raise ConfigError(flag, message, COMMAND_LINE)
-
-
-def _show(value: object) -> str:
-    """A value in an error message: quoted, with a newline or tab escaped (the message stays one line)."""
-    return json.dumps(str(value), ensure_ascii=False)
+    return integer(text, flag, 1, what, default=1)
 
 
 def sbatch_lines(options: SlurmOptions) -> list[str]:

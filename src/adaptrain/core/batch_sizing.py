@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from adaptrain.core.batching import batch_size_of, unpack_batch
+from adaptrain.core.loop import OOM_ERRORS
 from adaptrain.core.scheduling import check_rescalable, rescale_schedule
 from adaptrain.data.loaders import LoaderSpec, is_default_batching, loader_batch_size
 from adaptrain.distributed import env as distributed
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
 
 __all__ = ["AdaptiveBatchSize", "BatchSizing", "MemoryGauge", "StepProbe", "record_adaptation", "adapted_params",
-           "agree_across_ranks", "check_micro_batch_size", "first_batch"]
+           "agree_across_ranks", "first_batch"]
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,6 @@ def _count(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_micro_batch_size(value: Any) -> int | str | None:
-    """``None``, ``"auto"`` or an integer >= 1; anything else is a clear error."""
-    if value is None or value == "auto" or _count(value):
-        return value
-    raise ValueError(f"Trainer(micro_batch_size={value!r}): expected None, \"auto\" or an integer >= 1.")
 
 
 # ---------------------------------------------------------------------- measuring
@@ -247,7 +241,7 @@ class StepProbe:
                 self.trainer.run_step(batch)
                 if step:  # the first step warms up (allocator, kernels, optimizer state)
                     rates.append(state.batch_samples / (self._clock() - started))
-        except _OOM as error:
+        except OOM_ERRORS as error:
             failed: BaseException | None = error
         else:
             failed = None
@@ -265,9 +259,6 @@ class StepProbe:
             torch.cuda.synchronize(self.trainer.device)  # only here, at the measurement points
         return time.perf_counter()
 
-
-_OOM: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
 
 
 def first_batch(loader: Any, size: int | None) -> Any:
@@ -297,7 +288,7 @@ class BatchSizing:
 
     def __init__(self, adaptive_batch_size: Any = None, micro_batch_size: Any = None) -> None:
         self.options = AdaptiveBatchSize.parse(adaptive_batch_size)
-        self.micro = check_micro_batch_size(micro_batch_size)
+        self.micro = micro_batch_size  # checked by the rule table (core/settings.py) in Trainer(...)
         self.probing = False
         self.last_search: BatchSizeSearch | None = None
 

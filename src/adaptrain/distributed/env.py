@@ -95,8 +95,7 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_reduction_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -105,8 +104,7 @@ def max_over_ranks(value: int) -> int:
     """The largest ``value`` over every rank (``value`` itself on one process); a collective."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    tensor = torch.tensor([value], dtype=torch.int64, device=_reduction_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
@@ -115,3 +113,8 @@ def barrier() -> None:
     """Wait until every rank is here (a no-op on one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _reduction_device() -> torch.device:
+    """Where a reduction's tensor must live: this rank's GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

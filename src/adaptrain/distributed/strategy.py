@@ -98,9 +98,7 @@ class Strategy:
 
     def step_samples(self, local_samples: int) -> int:
         """Samples of this optimizer step over every rank (one all-reduce of one number)."""
-        count = torch.tensor([float(local_samples)], device=self._reduce_device())
-        dist.all_reduce(count)
-        return int(count.item())
+        return int(env.sum_over_ranks([float(local_samples)])[0])
 
     def all_reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Average gradients over ranks by hand: a window that closed without its synchronised
@@ -110,15 +108,6 @@ class Strategy:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world_size
-
-    def reduce_sum(self, values: list[float]) -> list[float]:
-        """Element-wise sums over ranks (float64 on the host side of the reduction device)."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._reduce_device())
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def _reduce_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     # ------------------------------------------------------------------ the loaders' samplers
     def train_sampler(self, dataset: Any, shuffle: bool, drop_last: bool, seed: int) -> DistributedSampler:
