@@ -24,10 +24,14 @@ class Splits:
     num_classes: int
 
     def loaders(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                pin_memory: bool = False, seed: int | None = None) -> tuple[DataLoader, DataLoader, DataLoader]:
-        """Shuffled train loader (seeded by ``seed`` when given), and ordered val and test loaders."""
+                pin_memory: bool = False, seed: int | None = None, prefetch_factor: int | None = None,
+                persistent_workers: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
+        """Shuffled train loader (seeded by ``seed`` when given), and ordered val and test loaders;
+        ``prefetch_factor`` and ``persistent_workers`` apply only with workers (as in ``DataLoader``)."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        common = {"num_workers": num_workers, "pin_memory": pin_memory}
+        common = {"num_workers": num_workers, "pin_memory": pin_memory,
+                  "prefetch_factor": prefetch_factor if num_workers else None,
+                  "persistent_workers": bool(persistent_workers) and num_workers > 0}
         eval_bs = eval_batch_size or max(batch_size, 256)
         return (
             DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=generator, **common),

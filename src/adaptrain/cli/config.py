@@ -93,6 +93,8 @@ class TrainerConfig:
     micro_batch_size: Any = None  # null, "auto", or samples per micro-batch
     auto_num_workers: bool = False  # tune num_workers / prefetch_factor by measurement, for this run
     strategy: str = "auto"  # several processes (torchrun): "ddp", "fsdp", or "auto" (DDP when world size > 1)
+    auto: bool = False  # search precision, batch size, loader, compile... by measurement at fit start, and apply
+    channels_last: bool = False  # weights and 4-D inputs in NHWC format (2-D convolutions)
 
 
 @dataclass

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
 
 __all__ = ["AdaptiveBatchSize", "BatchSizing", "MemoryGauge", "StepProbe", "record_adaptation", "adapted_params",
-           "agree_across_ranks", "first_batch"]
+           "agree_across_ranks", "apply_batch_size", "first_batch"]
 
 
 @dataclass(frozen=True)
@@ -290,6 +290,7 @@ class BatchSizing:
         self.options = AdaptiveBatchSize.parse(adaptive_batch_size)
         self.micro = micro_batch_size  # checked by the rule table (core/settings.py) in Trainer(...)
         self.probing = False
+        self.searched = False  # set when auto tuning settled the batch already: no second search
         self.last_search: BatchSizeSearch | None = None
 
     @property
@@ -333,7 +334,7 @@ class BatchSizing:
         if trainer.limit_batches and (self.options is not None or self.micro == "auto"):
             trainer.print("adaptrain: batch-size search skipped (fast_dev_run)")
             return
-        if self.options is not None:
+        if self.options is not None and not self.searched:
             self.search(trainer)
         if self.micro == "auto":
             self.choose_micro_batch(trainer)
@@ -363,18 +364,7 @@ class BatchSizing:
 
     def apply(self, trainer: Trainer, old: int, new: int) -> None:
         """Train with batch ``new`` instead of ``old``: rebuilt loader, accumulation, LR and schedule."""
-        state = trainer.state
-        accumulate = state.accumulate_grad_batches
-        new_accumulate = accumulation_for(accumulate * old, new) if accumulate > 1 else 1
-        lr_factor = scale_lr(1.0, accumulate * old, new_accumulate * new, self.options.lr_scaling)
-        loader = LoaderSpec.from_loader(state.train_loader).build(batch_size=new)
-        old_steps, new_steps = len(state.train_loader) / accumulate, len(loader) / new_accumulate
-        schedule = trainer._schedule
-        scheduler = state.scheduler if state.scheduler is not None else schedule.spec["scheduler"]
-        rescale_schedule(scheduler, state.optimizer, lr_factor, new_steps / old_steps, schedule.spec["interval"])
-        state.accumulate_grad_batches = new_accumulate
-        trainer._install_train_loader(loader)
-        state.batch_size = new
+        apply_batch_size(trainer, old, new, self.options.lr_scaling)
 
     def choose_micro_batch(self, trainer: Trainer) -> None:
         """``micro_batch_size="auto"``: the largest micro-batch of the train loader's batch that fits."""
@@ -407,6 +397,23 @@ class BatchSizing:
                           f"out of memory ({type(error).__name__}) at epoch {state.epoch + 1}, step "
                           f"{state.global_step + 1}: micro-batch {before or batch} -> {state.micro_batch_size} "
                           "samples; the same step is redone", batch_size=batch)
+
+
+def apply_batch_size(trainer: Trainer, old: int, new: int, lr_scaling: str | None) -> None:
+    """Train with batch ``new`` instead of ``old``: the loader rebuilt (everything else kept), the
+    accumulation (the effective batch kept when there is one), every group's LR and the schedule rescaled."""
+    state = trainer.state
+    accumulate = state.accumulate_grad_batches
+    new_accumulate = accumulation_for(accumulate * old, new) if accumulate > 1 else 1
+    lr_factor = scale_lr(1.0, accumulate * old, new_accumulate * new, lr_scaling)
+    loader = LoaderSpec.from_loader(state.train_loader).build(batch_size=new)
+    old_steps, new_steps = len(state.train_loader) / accumulate, len(loader) / new_accumulate
+    schedule = trainer._schedule
+    scheduler = state.scheduler if state.scheduler is not None else schedule.spec["scheduler"]
+    rescale_schedule(scheduler, state.optimizer, lr_factor, new_steps / old_steps, schedule.spec["interval"])
+    state.accumulate_grad_batches = new_accumulate
+    trainer._install_train_loader(loader)
+    state.batch_size = new
 
 
 def agree_across_ranks(size: int) -> int:

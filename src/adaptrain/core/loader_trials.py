@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["StableDataLoader", "Timing", "hardware_start", "local_world_size", "stable_loader", "time_trial",
            "measure_batch_size", "TooFewBatches"]
 
+#: Timed rounds one trial may run at most when it extends itself to ``min_seconds``.
+MAX_ROUNDS = 40
 #: torch warns when a loader has more workers than cores; the tuner measured that it pays, so the warning misleads.
 _WORKER_WARNING = "This DataLoader will create"
 
@@ -151,6 +153,8 @@ class Timing:
     batches: int = 0
     ram_fraction: float | None = None
     seconds: float = 0.0
+    warmup_seconds: float = 0.0  # the untimed first batches (worker start-up, compilation, first allocations)
+    warmup_batches: int = 0
 
     @property
     def seconds_per_batch(self) -> float:
@@ -196,11 +200,19 @@ def trial_plan(settings: LoaderSettings, batches: int | None, rounds: int) -> tu
     return warmup, per_round, rounds
 
 
-def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, rounds: int = 3) -> Timing:
+def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, rounds: int = 3,
+               batch_size: int | None = None, min_seconds: float = 0.0) -> Timing:
     """Real steps (``trainer.run_step``: the model changes; the caller restores it) on a measurement
-    loader with ``settings``; raises :class:`TooFewBatches` before any work when the epoch is too short."""
-    warmup, per_round, rounds = trial_plan(settings, loader_length(loader), rounds)
-    batch_size = measure_batch_size(loader)
+    loader with ``settings`` (and ``batch_size``, default the loader's); raises :class:`TooFewBatches`
+    before any work when the epoch is too short. ``min_seconds``: more rounds (as many as the epoch
+    holds, at most :data:`MAX_ROUNDS`) until the timed part lasts that long, so fast steps are not
+    timed over a few milliseconds of a busy machine."""
+    batch_size = batch_size or measure_batch_size(loader)
+    batches_per_epoch = loader_length(loader)
+    if batches_per_epoch is not None and batch_size != measure_batch_size(loader):
+        batches_per_epoch = len(loader.dataset) // batch_size
+    warmup, per_round, rounds = trial_plan(settings, batches_per_epoch, rounds)
+    most = MAX_ROUNDS if batches_per_epoch is None else min(MAX_ROUNDS, (batches_per_epoch - warmup) // per_round)
     cuda = trainer.device if trainer.device.type == "cuda" else None
     timing = Timing(settings)
     started = time.perf_counter()
@@ -210,28 +222,35 @@ def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, r
     try:
         for _ in range(warmup):
             trainer.run_step(next(batches))
-        for _ in range(rounds):
-            data_time = compute_time = 0.0
-            samples = 0
-            for _ in range(per_round):
-                fetch_start = _clock(cuda)
-                batch = next(batches)
-                compute_start = time.perf_counter()
-                trainer.run_step(batch)
-                compute_end = _clock(cuda)
-                data_time += compute_start - fetch_start
-                compute_time += compute_end - compute_start
-                samples += trainer.state.batch_samples
-            timing.data_time += data_time
-            timing.compute_time += compute_time
-            timing.samples += samples
-            timing.batches += per_round
-            timing.rates.append(samples / max(data_time + compute_time, 1e-9))
+        timing.warmup_seconds, timing.warmup_batches = _clock(cuda) - started, warmup
+        while len(timing.rates) < rounds or (timing.data_time + timing.compute_time < min_seconds
+                                              and len(timing.rates) < most):
+            _time_round(trainer, batches, per_round, timing, cuda)
         timing.ram_fraction = psutil.virtual_memory().percent / 100  # with this trial's workers alive
     finally:
         stop_workers_now(batches)
     timing.seconds = time.perf_counter() - started
     return timing
+
+
+def _time_round(trainer: Trainer, batches: Iterator[Any], per_round: int, timing: Timing,
+                cuda: torch.device | None) -> None:
+    data_time = compute_time = 0.0
+    samples = 0
+    for _ in range(per_round):
+        fetch_start = _clock(cuda)
+        batch = next(batches)
+        compute_start = time.perf_counter()
+        trainer.run_step(batch)
+        compute_end = _clock(cuda)
+        data_time += compute_start - fetch_start
+        compute_time += compute_end - compute_start
+        samples += trainer.state.batch_samples
+    timing.data_time += data_time
+    timing.compute_time += compute_time
+    timing.samples += samples
+    timing.batches += per_round
+    timing.rates.append(samples / max(data_time + compute_time, 1e-9))
 
 
 def stop_workers_now(batches: Any) -> None:

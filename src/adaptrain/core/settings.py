@@ -60,6 +60,8 @@ TRAINER_RULES: dict[str, Rule] = {
     "micro_batch_size": Rule('None, "auto" or an integer >= 1', lambda v: v is None or v == "auto" or (
         isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_COUNT)),
     "auto_num_workers": Rule("True or False", lambda v: isinstance(v, bool)),
+    "auto": Rule("True or False", lambda v: isinstance(v, bool)),
+    "channels_last": Rule("True or False", lambda v: isinstance(v, bool)),
     "strategy": _choice("auto", "ddp", "fsdp"),
     # "safe" / "full", or the options of adaptrain.AdaptiveBatchSize (checked field by field there)
     "adaptive_batch_size": Rule('None, "safe", "full" or a mapping of AdaptiveBatchSize options',

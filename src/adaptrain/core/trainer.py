@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from adaptrain.core import parallel
+from adaptrain.core.autotune import AutoTune, TuneReport, tune
 from adaptrain.core.batch_sizing import AdaptiveBatchSize, BatchSizing
 from adaptrain.core.batching import call_model, describe, detach_cpu, rebuild, to_device, unpack_batch
 from adaptrain.core.callback import Callback, CallbackList
@@ -18,6 +19,7 @@ from adaptrain.core.history import History
 from adaptrain.core.loader_autotune import LoaderAutotune
 from adaptrain.core.loop import TrainingLoop
 from adaptrain.core.losses import as_criterion
+from adaptrain.core.memory_format import ChannelsLast
 from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
 from adaptrain.core.preflight import (
@@ -82,6 +84,12 @@ class Trainer(TrainingLoop):
             ``fully_shard``), or ``"auto"`` (DDP when the world size is > 1, nothing otherwise).
         auto_num_workers: tune the train loader's ``num_workers`` / ``prefetch_factor`` by
             measurement at the start of ``fit`` and apply them to this run (``trainer.loader_settings``).
+        auto: set nothing else: at the start of ``fit``, measure short real trials over precision,
+            channels-last, batch size (LR rescaled), micro-batch, loader workers/prefetch/pinning and
+            ``torch.compile`` within 5% of the expected run, apply the fastest and record why
+            (:meth:`tune` does the same search without applying it).
+        channels_last: keep weights and 4-D inputs in channels-last (NHWC) format, which 2-D
+            convolutions often run faster on.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -118,16 +126,20 @@ class Trainer(TrainingLoop):
         micro_batch_size: int | str | None = None,
         auto_num_workers: bool = False,
         strategy: str = "auto",
+        auto: bool = False,
+        channels_last: bool = False,
     ) -> None:
         _check_objects(model, optimizer, metrics)
         check_trainer_settings(accumulate_grad_batches=accumulate_grad_batches, max_epochs=max_epochs,
                                log_every_n_steps=log_every_n_steps, gradient_clip_val=gradient_clip_val,
                                nan_policy=nan_policy, seed=seed, fast_dev_run=fast_dev_run,
                                micro_batch_size=micro_batch_size, auto_num_workers=auto_num_workers,
-                               adaptive_batch_size=adaptive_batch_size, strategy=strategy,
+                               adaptive_batch_size=adaptive_batch_size, strategy=strategy, auto=auto,
+                               channels_last=channels_last,
                                **({} if isinstance(precision, Precision) else {"precision": precision}))
         self.device = resolve_device(device)
         self.model = model.to(self.device)
+        self._channels_last = ChannelsLast(self.model) if channels_last else None
         self.criterion = as_criterion(criterion)
         check_optimizer_covers(self.model, optimizer, self.criterion)
         self.metric_specs = dict(metrics or {})
@@ -143,11 +155,12 @@ class Trainer(TrainingLoop):
         self.strategy_name = strategy
         self.strategy: Any = None  # the running DDP / FSDP strategy, started at fit under torchrun
         self.batch_sizing = BatchSizing(adaptive_batch_size, micro_batch_size)
+        self.autotune = AutoTune(auto)
         self._schedule = LRSchedule(scheduler)
         callbacks = list(callbacks or [])
         if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
-        if auto_num_workers and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
+        if auto_num_workers and not auto and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
             callbacks.append(LoaderAutotune())
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device, precision=self.precision,
@@ -165,6 +178,11 @@ class Trainer(TrainingLoop):
     @micro_batch_size.setter
     def micro_batch_size(self, size: int | None) -> None:
         self.state.micro_batch_size = size
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model trains in channels-last format (``channels_last=True``, or chosen by ``auto``)."""
+        return self._channels_last is not None
 
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.compile else model
@@ -208,7 +226,9 @@ class Trainer(TrainingLoop):
         checkpoint = read_checkpoint(self, ckpt_path) if ckpt_path is not None else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # pays off when input shapes stay fixed
-        self.batch_sizing.prepare(self, checkpoint[1] if checkpoint else None)  # may rebuild the loader
+        resumed = checkpoint[1] if checkpoint else None
+        self.batch_sizing.searched = self.autotune.prepare(self, resumed)  # auto=True: may change anything
+        self.batch_sizing.prepare(self, resumed)  # may rebuild the loader
         parallel.setup(self)  # several processes: wrap the model, shard the loaders (after the local search)
         state.steps_per_epoch = self._steps_per_epoch(state.train_loader)
         self._schedule.setup(state)
@@ -231,6 +251,28 @@ class Trainer(TrainingLoop):
         finally:
             state.max_epochs = planned_epochs
         return state.history
+
+    def tune(self, train_loader: Iterable, budget: float | None = None, keep_batch_size: bool = False,
+             lr: bool = False) -> TuneReport:
+        """Measure short real trials over this run's configuration and report the fastest; the trainer
+        comes out exactly as it went in (``Trainer(auto=True)`` applies the choice instead).
+
+        ``budget``: seconds of trials (default: 5% of the expected run, estimated from the first trial).
+        ``keep_batch_size``: change nothing that alters the optimisation (the batch size, hence the LR).
+        ``lr``: also run :meth:`lr_find` at the chosen configuration (``report.chosen["lr"]``).
+
+        Example:
+            >>> import torch
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> model = torch.nn.Linear(8, 2)
+            >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+            ...                   progress=False, device="cpu")
+            >>> data = TensorDataset(torch.randn(512, 8), torch.randint(0, 2, (512,)))
+            >>> report = trainer.tune(DataLoader(data, batch_size=32), budget=3, keep_batch_size=True)
+            >>> report.chosen["batch_size"], report.original["precision"]
+            (32, '32')
+        """
+        return tune(self, train_loader, budget=budget, keep_batch_size=keep_batch_size, lr=lr)
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on ``loader``; returns ``{"val_loss": ..., "val_<metric>": ...}``."""
