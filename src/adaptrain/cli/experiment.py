@@ -88,7 +88,7 @@ def _build(config: dict[str, Any], verb: str) -> Built:
     callbacks = [instantiate(spec, f"callbacks.{i}") for i, spec in enumerate(config["callbacks"])]
     for i, callback in enumerate(callbacks):
         _expect(callback, Callback, f"callbacks.{i}", "an adaptrain.Callback")
-    logger_specs = _logger_specs(config["loggers"]) if verb not in ("profile", "bench") else []
+    logger_specs = _logger_specs(config["loggers"]) if verb not in ("profile", "bench", "tune", "lr-find") else []
     loggers = [instantiate(spec, key, args_key=args_key) for key, spec, args_key in logger_specs]
     for (key, _, _), logger in zip(logger_specs, loggers):
         _expect(logger, Callback, key, "an adaptrain.Callback (loggers are callbacks)")
@@ -139,7 +139,8 @@ def first_loader(*loaders: Any) -> Any:
 
 
 def _check_loaders(loaders: Loaders, verb: str, path: str) -> None:
-    needed = {"fit": "train", "validate": "val", "test": "test", "profile": "train", "bench": "train"}.get(verb)
+    needed = {"fit": "train", "validate": "val", "test": "test", "profile": "train", "bench": "train",
+              "tune": "train", "lr-find": "train"}.get(verb)
     if verb == "predict" and first_loader(loaders.predict, loaders.test, loaders.val) is None:
         needed = "predict"
     if needed and getattr(loaders, needed) is None:

@@ -185,10 +185,13 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
     runner = TrialRunner(trainer, train_loader, saved)
     first = runner(dict(original))
     expected = space.run_samples / first.samples_per_s if first.ok else None
-    if budget is None:
+    if budget is None:  # the start failed (out of memory): the run's length is unknown until a micro-batch fits
         budget = share * expected if expected else first.seconds
     trial = _replaying(runner, original, first)
     result = search(original, trial, space, budget)
+    if expected is None:  # the start did not fit: the run's speed is the first configuration that ran
+        ran = next((r.measurement for r in result.trials if r.measurement.ok), None)
+        expected = space.run_samples / ran.samples_per_s if ran is not None else None
     finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
     state.restore(saved)
     report = _report(trainer, result, original, time.perf_counter() - started, expected, finder)

@@ -183,11 +183,13 @@ class Search:
         return not self.records or self.spent + self.expected_cost(hint) <= self.budget_s
 
     def measure(self, point: Mapping[str, Any], stage: str, hint: float | None = None,
-                fresh: bool = False) -> Measurement | None:
+                fresh: bool = False, required: bool = False) -> Measurement | None:
+        """The point's measurement (cached unless ``fresh``); None when the budget cannot pay for it,
+        unless it is ``required`` (the run cannot start without it)."""
         key = point_key(point)
         if key in self._cache and not fresh:
             return self._cache[key]
-        if not self.affordable(hint):
+        if not required and not self.affordable(hint):
             self.note(f"{stage}: stopped, the next trial would pass the {self.budget_s:.1f} s budget "
                       f"({self.spent:.1f} s spent)")
             return None
@@ -384,16 +386,14 @@ def _data_bound_batch(search: Search, since: int) -> int | None:
 
 def rescue_stage(search: Search) -> bool:
     """The start does not fit: the largest micro-batch (halving) that does, batch and LR unchanged."""
-    incumbent = search.current or search.measure(search.point, "micro_batch_size")
-    if incumbent is None or incumbent.ok:
+    incumbent = search.current or search.measure(search.point, "micro_batch_size", required=True)
+    if incumbent.ok:
         return False
     batch = search.point.get("batch_size") or 1
     micro = search.point.get("micro_batch_size") or batch
     while micro > 1:
         micro = max(micro // 2, 1)
-        measured = search.measure({**search.point, "micro_batch_size": micro}, "micro_batch_size")
-        if measured is None:
-            return False
+        measured = search.measure({**search.point, "micro_batch_size": micro}, "micro_batch_size", required=True)
         if measured.ok:
             search.adopt({"micro_batch_size": micro}, f"batch {batch} failed ({incumbent.error}); micro-batches "
                          f"of {micro} fit at {measured.samples_per_s:.4g} samples/s (same batch, same LR)")
@@ -429,10 +429,11 @@ def search(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measureme
            budget_s: float) -> SearchResult:
     """Coordinate descent over the space from ``start`` within ``budget_s`` seconds of trials (see the module doc)."""
     state = Search(start, trial, space, budget_s)
-    first = state.measure(state.point, "start")
-    if first is not None and not first.ok:
+    first = state.measure(state.point, "start", required=True)
+    if not first.ok:
         if not rescue_stage(state):
-            raise RuntimeError(f"the start configuration failed ({first.error}) and no micro-batch fits")
+            raise RuntimeError(f"the configuration as given failed ({first.error}), and so did every micro-batch "
+                               "down to 1 sample")
     for _ in range(space.max_passes):
         changed = False
         if len(space.precisions) > 1:
