@@ -18,6 +18,7 @@ from adaptrain.core.events import (
 )
 from adaptrain.core.history import History
 from adaptrain.core.losses import MultiLoss
+from adaptrain.core.lr_finder import LRFinderResult
 from adaptrain.core.resume import save_checkpoint
 from adaptrain.core.state import TrainState, seed_everything
 from adaptrain.core.trainer import Trainer
@@ -43,6 +44,7 @@ __all__ = [
     "BatchStructureError",
     "CSVLogger",
     "Logger",
+    "LRFinderResult",
     "MLflowLogger",
     "TensorBoardLogger",
     "load_config",

@@ -19,6 +19,7 @@ from adaptrain.core.history import History
 from adaptrain.core.loader_autotune import LoaderAutotune
 from adaptrain.core.loop import TrainingLoop
 from adaptrain.core.losses import as_criterion
+from adaptrain.core.lr_finder import LRFinderResult, lr_find
 from adaptrain.core.memory_format import ChannelsLast
 from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
@@ -273,6 +274,28 @@ class Trainer(TrainingLoop):
             (32, '32')
         """
         return tune(self, train_loader, budget=budget, keep_batch_size=keep_batch_size, lr=lr)
+
+    def lr_find(self, train_loader: Iterable, **options: Any) -> LRFinderResult:
+        """An LR range test: real optimizer steps at learning rates growing exponentially from ``min_lr``
+        (1e-7) to ``max_lr`` (10) over ``num_steps`` (100), stopped once the loss diverges; the trainer
+        comes out exactly as it went in. ``result.suggestion`` is read off the smoothed loss by ``rule``
+        (``"valley"``, ``"steepest"`` or ``"minimum"``), ``result.plot(path)`` draws the curve, and
+        ``apply=True`` sets the LR (a OneCycleLR's ``max_lr``) to it. The options and the rules:
+        :func:`adaptrain.core.lr_finder.lr_find`, :func:`adaptrain.tuning.lr_rules.suggest`.
+
+        Example:
+            >>> import torch
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> model = torch.nn.Linear(4, 1)
+            >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss(),
+            ...                   progress=False)
+            >>> x = torch.randn(256, 4)
+            >>> weights = model.weight.clone()
+            >>> result = trainer.lr_find(DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=32))
+            >>> 1e-3 < result.suggestion < 1.0, torch.equal(model.weight, weights)  # GD diverges above lr 1 here
+            (True, True)
+        """
+        return lr_find(self, train_loader, **options)
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on ``loader``; returns ``{"val_loss": ..., "val_<metric>": ...}``."""
