@@ -182,6 +182,19 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> C
 _ABSENT = object()
 
 
+def user_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """What the user wrote: the files merged, then the overrides, without the schema's defaults and with
+    interpolations kept (``adaptrain tune`` writes its choice into this). Call :func:`load_config` first:
+    it checks what this does not."""
+    merged = OmegaConf.create({})
+    for path in paths:
+        merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+    for item in overrides:
+        key, value = _parse_override(item)
+        OmegaConf.update(merged, key, value, merge=isinstance(value, Mapping))
+    return OmegaConf.to_container(merged, resolve=False)  # type: ignore[return-value]
+
+
 def _lookup(tree: Any, key: str) -> Any:
     """The value at dotted ``key`` in plain containers (no interpolation resolved), else _ABSENT."""
     for part in key.split(".") if key else []:

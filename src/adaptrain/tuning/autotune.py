@@ -226,8 +226,8 @@ class Search:
         before = {k: self.point.get(k) for k in changes}
         self.point.update(changes)
         for name, value in changes.items():
-            if before[name] != value:
-                self.reasons[name] = reason
+            if before[name] != value:  # a setting changed again in a later pass keeps its whole story
+                self.reasons[name] = f"{self.reasons[name]}; then {reason}" if name in self.reasons else reason
 
     # ------------------------------------------------------------------ the end
     def confirm(self, rounds: int = 2) -> float | None:
