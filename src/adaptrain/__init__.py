@@ -5,6 +5,7 @@ from adaptrain.callbacks.checkpointing import ModelCheckpoint
 from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
 from adaptrain.cli.config import load_config
+from adaptrain.core.autotune import TuneReport
 from adaptrain.core.batch_sizing import AdaptiveBatchSize
 from adaptrain.core.callback import Callback
 from adaptrain.core.events import (
@@ -78,6 +79,7 @@ __all__ = [
     "TrainState",
     "TrainingInterrupted",
     "Trainer",
+    "TuneReport",
     "seed_everything",
     "forecast",
     "load_checkpoint",
