@@ -116,6 +116,15 @@ class TrialRunner:
         self.trainer, self.loader, self.snapshot, self.rounds = trainer, loader, snapshot, rounds
         self.min_seconds = min_seconds
 
+    def warm_up(self, point: dict[str, Any]) -> None:
+        """A short untimed trial at ``point`` (the process's first steps), undone like any other."""
+        rounds, seconds = self.rounds, self.min_seconds
+        self.rounds, self.min_seconds = 1, 0.0
+        try:
+            self(point)
+        finally:
+            self.rounds, self.min_seconds = rounds, seconds
+
     def __call__(self, point: dict[str, Any]) -> Measurement:
         trainer = self.trainer
         started = time.perf_counter()
