@@ -55,8 +55,6 @@ __all__ = ["TuneReport", "tune", "tune_space", "apply_point", "AutoTune", "DEFAU
 
 DEFAULT_SHARE = 0.05  # of the expected run: the issue's bound on what tuning may cost
 MiB = 2**20
-_SPEED_KEYS = ("precision", "channels_last", "micro_batch_size", "num_workers", "prefetch_factor", "pin_memory",
-               "compile")
 
 
 @dataclass
@@ -292,16 +290,7 @@ class AutoTune:
         state = trainer.state
         original = current_point(trainer, state.train_loader)
         if resumed is not None or state.global_step > 0:
-            adaptations = resumed["history"].get("adaptations", ()) if resumed is not None else \
-                state.history.adaptations
-            entry = next((a for a in reversed(adaptations) if a.get("kind") == "auto"), None)
-            if entry is not None:
-                chosen = {**original, **{k: v for k, v in entry["after"].items() if k in original}}
-                if resumed is None:  # fit() again: the trainer's own settings are already the chosen ones
-                    chosen = {**chosen, **{k: original[k] for k in _SPEED_KEYS if k not in ("num_workers",
-                                                                                         "prefetch_factor",
-                                                                                         "pin_memory")}}
-                apply_point(trainer, original, chosen, record=False, rescale=resumed is not None)
+            self._reapply(trainer, original, resumed)
             return True
         if trainer.limit_batches:
             trainer.print("adaptrain: auto tuning skipped (fast_dev_run)")
@@ -324,3 +313,14 @@ class AutoTune:
                           seconds=round(report.seconds, 3), share=report.share, speedup=report.speedup,
                           trials=report.trials, notes=report.notes)
         return True
+
+    def _reapply(self, trainer: Trainer, original: dict[str, Any], resumed: Mapping[str, Any] | None) -> None:
+        """The run's recorded choice, without trials. On resume everything is applied to the fresh trainer
+        (the checkpoint then restores the exact LR); on ``fit()`` again the trainer's own settings are the
+        chosen ones already, so only the loader given anew gets the chosen batch and workers."""
+        adaptations = resumed["history"].get("adaptations", ()) if resumed is not None else \
+            trainer.state.history.adaptations
+        entry = next((a for a in reversed(adaptations) if a.get("kind") == "auto"), None)
+        if entry is not None:
+            recorded = {k: v for k, v in entry["after"].items() if k in original}
+            apply_point(trainer, original, {**original, **recorded}, record=False, rescale=resumed is not None)

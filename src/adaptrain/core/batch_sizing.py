@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from adaptrain.core.batching import batch_size_of, unpack_batch
+from adaptrain.core.loader_trials import stable_loader
 from adaptrain.core.loop import OOM_ERRORS
 from adaptrain.core.scheduling import check_rescalable, rescale_schedule
 from adaptrain.data.loaders import LoaderSpec, is_default_batching, loader_batch_size
@@ -406,7 +407,7 @@ def apply_batch_size(trainer: Trainer, old: int, new: int, lr_scaling: str | Non
     accumulate = state.accumulate_grad_batches
     new_accumulate = accumulation_for(accumulate * old, new) if accumulate > 1 else 1
     lr_factor = scale_lr(1.0, accumulate * old, new_accumulate * new, lr_scaling)
-    loader = LoaderSpec.from_loader(state.train_loader).build(batch_size=new)
+    loader = stable_loader(state.train_loader, batch_size=new)  # persistent workers stay exact (loader_trials)
     old_steps, new_steps = len(state.train_loader) / accumulate, len(loader) / new_accumulate
     schedule = trainer._schedule
     scheduler = state.scheduler if state.scheduler is not None else schedule.spec["scheduler"]
