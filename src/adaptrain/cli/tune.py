@@ -78,6 +78,9 @@ def run_tune(args: argparse.Namespace, config: dict[str, Any], echo: Any) -> int
         raise ConfigError("--output", f"{output} is a folder; expected a file path for the tuned YAML.")
     original = user_config(args.config, args.overrides)  # what the user wrote, interpolations and all
     built = build(config, "tune")
+    budget = f"{args.budget:g} s" if args.budget else "5% of the expected run"
+    echo(f"adaptrain tune: short measured trials on {config['model']['class_path']} and "
+         f"{config['data']['class_path']} (budget: {budget})")
     report = built.trainer.tune(built.loaders.train, budget=args.budget, keep_batch_size=args.keep_batch_size,
                                 lr=args.lr)
     tree, changes = tuned_config(original, report)
