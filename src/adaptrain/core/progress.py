@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import Progress, ProgressColumn, Task
 from rich.table import Column
 from rich.text import Text
@@ -205,6 +205,17 @@ def _compose(description: str, bar: int, completed: int, total: int | None, coun
     return text
 
 
+class _LineProgress(Progress):
+    """rich's Progress, drawing each task's line as it is. rich would wrap the lines in a one-column
+    table, which renders the same characters at about twice the cost (~0.5 vs ~0.3 ms a draw here)."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        column = self.columns[0]
+        for task in self.tasks:
+            if task.visible:
+                yield column(task)
+
+
 class _LiveColumn(ProgressColumn):
     """The whole line as one column: the layout is ours (rich's table would shrink the counter)."""
 
@@ -264,8 +275,8 @@ class ProgressBar(Callback):
 
     def before_fit(self, trainer: Trainer) -> None:
         if self.interactive and trainer.is_global_zero:
-            self._progress = Progress(_LiveColumn(self.console), console=self.console, transient=False,
-                                      auto_refresh=False)
+            self._progress = _LineProgress(_LiveColumn(self.console), console=self.console, transient=False,
+                                          auto_refresh=False)
             self._progress.start()
 
     def before_train(self, trainer: Trainer) -> None:
