@@ -8,6 +8,7 @@ epoch value is exact even when the last batch is smaller.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import warnings
 from typing import Any, Mapping
@@ -58,7 +59,9 @@ class WeightedMean:
         folded = (values * weights).sum()
         self.total = folded if self.total is None else self.total + folded
         bad_tag = None
-        if find_nonfinite:
+        # A NaN/Inf value always makes the weighted sum non-finite (times 0 too): one read of the sum
+        # (~5 µs) rules it out; the per-value search (~35 µs on the CPU) runs only when it cannot.
+        if find_nonfinite and not math.isfinite(folded.item()):
             finite = torch.isfinite(values)
             if not bool(finite.all()):
                 bad_tag = self._tags[int((~finite).nonzero()[0])]
