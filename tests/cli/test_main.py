@@ -125,7 +125,7 @@ def test_error_names_the_file_it_came_from(tmp_path, capsys):
 
 
 def test_bad_usage_exits_2(config_file, capsys):
-    assert run(["tune", "--config", config_file], capsys)[0] == 2  # on the roadmap, not a verb yet
+    assert run(["train", "--config", config_file], capsys)[0] == 2  # not a verb
     assert run(["fit"], capsys)[0] == 2  # --config is required
     assert run(["fit", "--config", config_file, "--no-such-flag"], capsys)[0] == 2
 

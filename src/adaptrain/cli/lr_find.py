@@ -75,7 +75,7 @@ def run_lr_find(args: argparse.Namespace, config: dict[str, Any], echo: Callable
         raise ConfigError("--max-lr", f"is {args.max_lr:g}; expected a value above --min-lr ({args.min_lr:g}).",
                           COMMAND_LINE)
     output = _check_output(Path(args.output))
-    built = build(config, "bench")  # built as for bench, another measuring verb: no loggers, a train loader
+    built = build(config, "lr-find")  # a measuring verb: no loggers, a train loader
     result = built.trainer.lr_find(built.loaders.train, min_lr=args.min_lr, max_lr=args.max_lr,
                                    num_steps=args.num_steps, rule=args.rule)
     result.plot(output)

@@ -6,6 +6,9 @@
     adaptrain profile  --config run.yaml            params, FLOPs, latency, memory of the model
     adaptrain bench    --config run.yaml --batch-sizes 16,32,64 --precisions 32,16-mixed,bf16-mixed
     adaptrain forecast runs/exp/run --metric val_acc --at 50
+    adaptrain tune     --config run.yaml [--budget 60] [--output tuned.yaml] [--keep-batch-size] [--lr]
+                                                           short measured trials -> tuned.yaml for `fit`
+    adaptrain lr-find  --config run.yaml [--output lr_find.png]   sweep the LR on the model and data; suggest one
     adaptrain fit      --config run.yaml --devices 2       2 processes on this node (torchrun --standalone)
     adaptrain fit      --config run.yaml --devices 4 --num-nodes 2 --node-rank 0 --master-addr node0
                                                            the same on node1 with --node-rank 1 (c10d rendezvous)
@@ -54,7 +57,9 @@ from adaptrain.cli import launch
 from adaptrain.cli.config import COMMAND_LINE, load_config, to_yaml
 from adaptrain.cli.experiment import Built, build, first_loader, open_run
 from adaptrain.cli.instantiate import instantiate
+from adaptrain.cli.lr_find import add_lr_find_parser, run_lr_find
 from adaptrain.cli.slurm import add_slurm_parser
+from adaptrain.cli.tune import add_tune_parser, run_tune
 from adaptrain.core.batching import describe, unpack_batch
 from adaptrain.core.history import format_values
 from adaptrain.core.losses import split_loss
@@ -148,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: adaptrain fit --config examples/digits_mlp.yaml trainer.max_epochs=3 "
                "optimizer.init_args.lr=0.01\n" + _EXIT_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True,
-                                  metavar="{fit,validate,test,predict,profile,bench,forecast,slurm}")
+                                  metavar="{fit,validate,test,predict,profile,bench,forecast,lr-find,slurm,tune}")
     config_args = argparse.ArgumentParser(add_help=False)
     config_args.add_argument("-c", "--config", action="append", required=True, metavar="FILE",
                              help="YAML config; repeat to merge several (later files win)")
@@ -189,7 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     fc.add_argument("--plot", metavar="PNG", help="also plot the fits and the interval")
     fc.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
     fc.set_defaults(run=_forecast)
+    add_lr_find_parser(verbs, [config_args], _EXIT_HELP).set_defaults(run=_lr_find)
     add_slurm_parser(verbs, [config_args], _EXIT_HELP)
+    add_tune_parser(verbs, [config_args], _EXIT_HELP).set_defaults(run=_tune)
     return parser
 
 
@@ -295,6 +302,11 @@ def _where(logger: Any) -> str | None:
     return None
 
 
+def _tune(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return 0 if config is None else run_tune(args, config, _echo)
+
+
 def _profile(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
@@ -383,6 +395,13 @@ def _forecast(args: argparse.Namespace) -> int:
     for note in fc.notes:
         _echo(f"  note: {note}")
     return 0
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 0
+    return run_lr_find(args, config, _echo)
 
 
 if __name__ == "__main__":  # python -m adaptrain.cli.main, as the console script does

@@ -49,7 +49,7 @@ CONFIG_KEYS = {"precision": "trainer.precision", "channels_last": "trainer.chann
 Change = tuple[str, Any, Any, str, bool]  # (dotted key, before, after, reason, alters the optimisation)
 
 
-def add_tune_parser(verbs: Any, parents: Sequence[argparse.ArgumentParser], epilog: str) -> None:
+def add_tune_parser(verbs: Any, parents: Sequence[argparse.ArgumentParser], epilog: str) -> argparse.ArgumentParser:
     """The ``tune`` verb of the ``adaptrain`` parser."""
     sub = verbs.add_parser("tune", parents=list(parents), epilog=epilog,
                            help="measure short trials and write tuned.yaml with the fastest configuration")
@@ -59,6 +59,7 @@ def add_tune_parser(verbs: Any, parents: Sequence[argparse.ArgumentParser], epil
     sub.add_argument("--keep-batch-size", action="store_true",
                      help="change nothing that alters the optimisation (batch size, hence the LR)")
     sub.add_argument("--lr", action="store_true", help="also run the LR finder at the chosen configuration")
+    return sub
 
 
 def _seconds(text: str) -> float:
