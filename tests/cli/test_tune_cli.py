@@ -120,3 +120,24 @@ def test_trainer_auto_in_yaml_tunes_inline_and_records_it_in_the_run_folder(tmp_
     auto = [a for a in adaptations if a["kind"] == "auto"]
     assert len(auto) == 1 and auto[0]["trials"] and auto[0]["seconds"] > 0
     assert "auto:" in (run / "train.log").read_text()
+
+
+def test_a_data_factory_that_builds_its_own_loaders_gets_no_data_keys_and_fit_accepts_the_file(tmp_path, capsys):
+    from tests.cli_data import base_config, write_config
+
+    config = write_config(tmp_path / "run.yaml", base_config(
+        tmp_path / "runs", data={"class_path": "tests.cli_data.tiny_data", "init_args": {"n": 960}}))
+    output = tmp_path / "tuned.yaml"
+    assert main(["tune", "--config", str(config), "--budget", "3", "--output", str(output)]) == 0
+    assert "data.batch_size not tuned" in capsys.readouterr().out
+    written = yaml.safe_load(output.read_text())
+    assert set(written["data"]) == {"class_path", "init_args"}  # nothing the factory would refuse
+    assert main(["fit", "--config", str(output), "trainer.max_epochs=1"]) == 0
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_any_trial(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["tune", "--config", str(EXAMPLE), "--budget", "2", "--output", str(blocker / "tuned.yaml"),
+                 *SHORT]) == 2
+    assert "--output" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from adaptrain.tuning.autotune import Measurement, Space, effective_rate, search
+from adaptrain.tuning.autotune import Measurement, NotTunable, Space, effective_rate, search
 from adaptrain.tuning.loader_tuning import LoaderSettings
 
 START = {"precision": "32", "channels_last": False, "batch_size": 32, "micro_batch_size": None, "num_workers": 0,
@@ -59,7 +59,7 @@ class SimulatedRun:
     def __call__(self, point):
         self.calls.append(dict(point))
         if self.memory_limit is not None and (point["micro_batch_size"] or point["batch_size"]) > self.memory_limit:
-            return Measurement(None, self.trial_seconds, error="out of memory", peak_fraction=1.0)
+            return Measurement(None, self.trial_seconds, error="out of memory", peak_fraction=1.0, out_of_memory=True)
         rate = self.true_rate(point) * math.exp(self.random.gauss(0, self.noise)) if self.noise else \
             self.true_rate(point)
         compute = self.compute_rate(point)
@@ -182,6 +182,51 @@ def test_a_start_that_does_not_fit_gets_the_largest_micro_batch_that_does():
     result = search(START, run, space(batch_mode=None, precisions=("32",)), budget_s=60)
     assert result.chosen["batch_size"] == 32 and result.chosen["micro_batch_size"] == 8
     assert "same batch" in result.reasons["micro_batch_size"]
+    assert result.speedup is None  # the start never ran: there is nothing to compare with
+    assert sum(call == START for call in run.calls) == 1  # and it is not re-measured to confirm
+
+
+def test_a_budget_given_as_a_share_of_the_run_is_set_from_the_first_configuration_that_ran():
+    run = SimulatedRun(memory_limit=12, trial_seconds=1.0)
+    seen = []
+
+    def budget(measurement):
+        seen.append(measurement)
+        return 5.0
+
+    result = search(START, run, space(batch_mode=None), budget_s=budget)
+    assert len(seen) == 1 and seen[0].ok and result.budget_s == 5.0
+    assert result.spent <= 5.0 + 3  # the 3 trials the rescue needed are paid whatever the budget
+
+
+def test_a_start_that_fails_for_another_reason_than_memory_is_not_tunable():
+    def too_short(point):
+        return Measurement(None, 0.1, error="an epoch of 2 batches is too short")
+    with pytest.raises(NotTunable, match="too short"):
+        search(START, too_short, space(), budget_s=10)
+
+
+def test_re_measuring_a_compiled_choice_is_costed_at_what_it_cost_before():
+    class SlowCompile(SimulatedRun):
+        def __call__(self, point):
+            measured = super().__call__(point)
+            seconds = 25.0 if point["compile"] else 1.0
+            return Measurement(measured.samples_per_s, seconds, setup_seconds=measured.setup_seconds,
+                               data_share=measured.data_share)
+
+    run = SlowCompile(compile_speedup=3.0, compile_setup=1.0)
+    result = search(START, run, space(compile=True, compile_cost_s=10, batch_mode=None), budget_s=40)
+    assert result.chosen["compile"] is True
+    assert result.spent <= 40
+
+
+def test_the_choice_is_always_measured():
+    # The loader look-ahead adopts workers judged at a larger batch; with no budget left for another pass,
+    # the final point (the current batch with those workers) still gets its own measurement.
+    run = SimulatedRun(per_worker=300.0, main_process=479.0, batch_knee=1024)
+    result = search(START, run, space(max_passes=1), budget_s=30)
+    assert result.chosen_measurement is not None and result.chosen_measurement.ok
+    assert result.speedup is None or result.speedup > 0
 
 
 def test_a_choice_slower_side_by_side_is_taken_back():

@@ -218,6 +218,7 @@ class Loaders:
     val: Any = None
     test: Any = None
     predict: Any = None
+    options: frozenset = frozenset()  # the data.* loader options that reach the loaders (adaptrain tune writes them)
 
 
 _LOADER_OPTIONS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "prefetch_factor",
@@ -237,9 +238,10 @@ def build_loaders(spec: Mapping[str, Any], seed: int | None = None, key: str = "
     """
     result = instantiate(spec, key)
     options = {name: spec.get(name) for name in _LOADER_OPTIONS if spec.get(name) is not None}
-    used = False
+    used, applicable = False, frozenset()
     if callable(getattr(result, "loaders", None)):
         accepted = inspect.signature(result.loaders).parameters
+        applicable = frozenset(name for name in _LOADER_OPTIONS if name in accepted)
         kwargs = {"batch_size": 64, **{k: v for k, v in options.items() if k in accepted}}
         if seed is not None and "seed" in accepted:
             kwargs["seed"] = seed
@@ -266,12 +268,12 @@ def build_loaders(spec: Mapping[str, Any], seed: int | None = None, key: str = "
     for name, part in parts.items():
         if isinstance(part, Dataset):
             parts[name] = _wrap_dataset(part, name, options, seed, key)
-            used = True
+            used, applicable = True, frozenset(_LOADER_OPTIONS)
     if options and not used:
         name = next(iter(options))
         raise ConfigError(f"{key}.{name}", f"is set, but {spec['class_path']} returns loaders that already have "
                           f"their own; pass it in {key}.init_args instead (or remove it).")
-    return Loaders(**parts)
+    return Loaders(**parts, options=applicable)
 
 
 def _wrap_dataset(part: Dataset, name: str, options: Mapping[str, Any], seed: int | None, key: str) -> DataLoader:

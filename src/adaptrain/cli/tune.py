@@ -35,7 +35,8 @@ import yaml
 from adaptrain.cli.config import user_config
 from adaptrain.cli.experiment import build
 from adaptrain.cli.lr_find import apply_lr_to_config
-from adaptrain.core.autotune import TuneReport
+from adaptrain.core.autotune import TuneReport, tune
+from adaptrain.data.loaders import loader_batch_size
 from adaptrain.errors import ConfigError
 
 __all__ = ["add_tune_parser", "tuned_config", "apply_changes", "render_yaml", "write_tuned_yaml"]
@@ -46,6 +47,8 @@ CONFIG_KEYS = {"precision": "trainer.precision", "channels_last": "trainer.chann
                "accumulate_grad_batches": "trainer.accumulate_grad_batches", "batch_size": "data.batch_size",
                "num_workers": "data.num_workers", "prefetch_factor": "data.prefetch_factor",
                "pin_memory": "data.pin_memory"}
+DATA_OPTIONS = frozenset(("batch_size", "eval_batch_size", "num_workers", "pin_memory", "prefetch_factor",
+                          "persistent_workers"))
 Change = tuple[str, Any, Any, str, bool]  # (dotted key, before, after, reason, alters the optimisation)
 
 
@@ -74,17 +77,23 @@ def _seconds(text: str) -> float:
 
 def run_tune(args: argparse.Namespace, config: dict[str, Any], echo: Any) -> int:
     """Build the run, tune it, print the report, write the tuned config."""
-    output = Path(args.output or "tuned.yaml")
-    if output.is_dir():
-        raise ConfigError("--output", f"{output} is a folder; expected a file path for the tuned YAML.")
+    output = _check_output(Path(args.output or "tuned.yaml"))
     original = user_config(args.config, args.overrides)  # what the user wrote, interpolations and all
     built = build(config, "tune")
+    writable = built.loaders.options  # data.* keys the data factory passes on to its loaders
+    keep_batch = args.keep_batch_size or "batch_size" not in writable
+    tune_loader = {"num_workers", "prefetch_factor"} <= writable
     budget = f"{args.budget:g} s" if args.budget else "5% of the expected run"
     echo(f"adaptrain tune: short measured trials on {config['model']['class_path']} and "
          f"{config['data']['class_path']} (budget: {budget})")
-    report = built.trainer.tune(built.loaders.train, budget=args.budget, keep_batch_size=args.keep_batch_size,
-                                lr=args.lr)
-    tree, changes = tuned_config(original, report)
+    for name, kept in (("data.batch_size", keep_batch and not args.keep_batch_size),
+                       ("data.num_workers / data.prefetch_factor", not tune_loader)):
+        if kept:
+            echo(f"note: {name} not tuned: {config['data']['class_path']} builds loaders that do not take it "
+                 "(set it in data.init_args instead)")
+    report = tune(built.trainer, built.loaders.train, budget=args.budget, keep_batch_size=keep_batch, lr=args.lr,
+                  tune_loader=tune_loader)
+    tree, changes = tuned_config(original, report, writable, loader_batch_size(built.loaders.val))
     write_tuned_yaml(output, tree, changes, report, args.config)
     echo(report.table())
     echo(f"wrote {output}: {len(changes)} change{'s' if len(changes) != 1 else ''}; "
@@ -92,28 +101,42 @@ def run_tune(args: argparse.Namespace, config: dict[str, Any], echo: Any) -> int
     return 0
 
 
-def tuned_config(config: Mapping[str, Any], report: TuneReport) -> tuple[dict[str, Any], list[Change]]:
-    """The config with the report's choice, and the changes as (key, before, after, reason, alters)."""
+def _check_output(output: Path) -> Path:
+    """Before any trial: a file path whose folder exists (or can be made) and can be written."""
+    if output.is_dir():
+        raise ConfigError("--output", f"{output} is a folder; expected a file path for the tuned YAML.")
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError("--output", f"{output} cannot be written ({folder} is not a writable folder).")
+    return output
+
+
+def tuned_config(config: Mapping[str, Any], report: TuneReport, writable: frozenset = DATA_OPTIONS,
+                 eval_batch_size: int | None = None) -> tuple[dict[str, Any], list[Change]]:
+    """The config with the report's choice, and the changes as (key, before, after, reason, alters).
+
+    ``writable``: the ``data.*`` options the data factory passes on; ``eval_batch_size``: the val loader's
+    batch, pinned when the train batch changes (``data.eval_batch_size`` defaults to ``data.batch_size``)."""
     tree = copy.deepcopy(dict(config))
     changes: list[Change] = []
     for setting, before, after, reason, alters in report.changes():
         if setting == "lr":
             continue
         changes.append((CONFIG_KEYS[setting], before, after, reason, alters))
-    if report.chosen["num_workers"] > 0 and report.chosen["num_workers"] != report.original["num_workers"]:
+    workers_changed = report.chosen["num_workers"] != report.original["num_workers"]
+    if report.chosen["num_workers"] > 0 and workers_changed and "persistent_workers" in writable:
         changes.append(("data.persistent_workers", _get(tree, "data.persistent_workers"), True,
                         "keep the workers between epochs (respawning them costs start-up every epoch)", False))
-    if report.chosen["batch_size"] != report.original["batch_size"] and _get(tree, "data.eval_batch_size") is None:
-        val = report.original["batch_size"]
-        changes.append(("data.eval_batch_size", None, max(val, 256) if _splits(tree) else val,
+    batch_changed = report.chosen["batch_size"] != report.original["batch_size"]
+    if batch_changed and eval_batch_size and "eval_batch_size" in writable and \
+            _get(tree, "data.eval_batch_size") is None:
+        changes.append(("data.eval_batch_size", None, eval_batch_size,
                         "kept as before the batch changed (the val loader was not measured)", False))
     tree = apply_changes(tree, changes)
     changes += _lr_changes(tree, report)
     return tree, changes
-
-
-def _splits(tree: Mapping[str, Any]) -> bool:
-    return str(_get(tree, "data.class_path") or "").startswith("adaptrain.datasets.")
 
 
 def _lr_changes(tree: dict[str, Any], report: TuneReport) -> list[Change]:

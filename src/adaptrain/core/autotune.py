@@ -34,6 +34,7 @@ from adaptrain.core.batching import unpack_batch
 from adaptrain.core.loader_trials import hardware_start, rebuildable, stable_loader
 from adaptrain.core.memory_format import channels_last_applies
 from adaptrain.core.precision import PRECISIONS, precision_support
+from adaptrain.core.scheduling import check_rescalable
 from adaptrain.core.tune_trials import (
     TrialRunner,
     configured,
@@ -42,10 +43,10 @@ from adaptrain.core.tune_trials import (
     set_compile,
     set_precision,
 )
-from adaptrain.data.loaders import is_default_batching, loader_length
+from adaptrain.data.loaders import is_default_batching
 from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError
-from adaptrain.tuning.autotune import OPTIMISATION_KEYS, Measurement, SearchResult, Space, search
+from adaptrain.tuning.autotune import OPTIMISATION_KEYS, Measurement, NotTunable, SearchResult, Space, search
 from adaptrain.tuning.batch_size import accumulation_for, scale_lr
 
 if TYPE_CHECKING:
@@ -131,22 +132,32 @@ def _short(point: Mapping[str, Any], original: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- the space
-def check_tunable(trainer: Trainer, loader: Any) -> None:
-    """Before any work: a loader the trials can rebuild, and one process."""
+class NotTunableError(ConfigError):
+    """The train loader (or the run) cannot be tuned: ``tune`` raises it, ``auto=True`` says so and skips."""
+
+
+def why_not_tunable(loader: Any) -> str | None:
+    """Why trials cannot rebuild ``loader`` with other settings, or None."""
     why = rebuildable(loader)
     if why is None and not is_default_batching(loader):
         why = f"a DataLoader with its own {type(loader.batch_sampler).__name__}, which cannot be rebuilt " \
               "with another batch size"
+    return why
+
+
+def check_tunable(trainer: Trainer, loader: Any) -> None:
+    """Before any work: a loader the trials can rebuild, and one process."""
+    why = why_not_tunable(loader)
     if why is not None:
-        raise ConfigError("tune(train_loader=...)", f"is {why}; pass DataLoader(dataset, batch_size=...) over a "
-                          "map-style data set.")
+        raise NotTunableError("tune(train_loader=...)", f"is {why}; pass DataLoader(dataset, batch_size=...) over "
+                              "a map-style data set.")
     if distributed.world_size() > 1:
-        raise ConfigError("tune", "runs on one process (trials on several ranks would time each other's "
-                          "collectives); tune on one process, then launch the tuned configuration.")
+        raise NotTunableError("tune", "runs on one process (trials on several ranks would time each other's "
+                              "collectives); tune on one process, then launch the tuned configuration.")
 
 
 def tune_space(trainer: Trainer, loader: DataLoader, keep_batch_size: bool = False,
-               batch_mode: str = "full", compile: bool = True) -> Space:
+               batch_mode: str = "full", compile: bool = True, tune_loader: bool = True) -> Space:
     """The search space for this trainer, device and loader (see the module doc)."""
     device = trainer.device
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
@@ -159,56 +170,50 @@ def tune_space(trainer: Trainer, loader: DataLoader, keep_batch_size: bool = Fal
     return Space(precisions=precisions, channels_last=channels_last_applies(trainer.model, inputs),
                  batch_mode=None if keep_batch_size else batch_mode,
                  max_batch_size=max(samples // 4, 1),  # a trial reads several batches of the data set
-                 loader=(start.settings, start.max_workers), pin_memory=device.type == "cuda",
+                 loader=(start.settings, start.max_workers) if tune_loader else None,
+                 pin_memory=device.type == "cuda" and tune_loader,
                  compile=compile, run_samples=samples * trainer.state.max_epochs)
 
 
 # ---------------------------------------------------------------------- tune
 def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_batch_size: bool = False,
-         lr: bool = False, share: float = DEFAULT_SHARE, compile: bool = True, batch_mode: str = "full") -> TuneReport:
+         lr: bool = False, share: float = DEFAULT_SHARE, compile: bool = True, batch_mode: str = "full",
+         tune_loader: bool = True) -> TuneReport:
     """Measure and choose the fastest configuration of this run; the trainer comes out exactly as it went in.
 
     ``budget``: seconds of trials (default ``share`` of the expected run). ``keep_batch_size``: do not
     change the batch (nor, hence, the LR). ``lr``: run the LR finder at the chosen configuration and
-    report its suggestion as ``chosen["lr"]``.
+    report its suggestion as ``chosen["lr"]``. ``tune_loader=False``: keep the loader's workers and
+    prefetch (the CLI, when the config's data section cannot set them).
     """
     check_tunable(trainer, train_loader)
     if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"tune(budget={budget!r}): expected seconds > 0, or None (5% of the expected run).")
     started = time.perf_counter()
     state = trainer.state
-    original = current_point(trainer, train_loader)
-    space = tune_space(trainer, train_loader, keep_batch_size, batch_mode, compile)
-    saved = state.snapshot(device="cpu")
-    runner = TrialRunner(trainer, train_loader, saved)
-    # The process's first steps pay one-off costs (thread pools, allocator, kernel selection) that no
-    # later trial pays: measured alone, the user's start looked up to 2x slower than it is and lost
-    # close calls it should win. One untimed pass first (its time counts in report.seconds).
-    runner.warm_up(dict(original))
-    first = runner(dict(original))
-    expected = space.run_samples / first.samples_per_s if first.ok else None
-    if budget is None:  # the start failed (out of memory): the run's length is unknown until a micro-batch fits
-        budget = share * expected if expected else first.seconds
-    trial = _replaying(runner, original, first)
-    result = search(original, trial, space, budget)
-    if expected is None:  # the start did not fit: the run's speed is the first configuration that ran
+    saved = state.snapshot(device="cpu")  # first: reading a batch below draws a worker seed from the global RNG
+    try:
+        original = current_point(trainer, train_loader)
+        space = tune_space(trainer, train_loader, keep_batch_size, batch_mode, compile, tune_loader)
+        runner = TrialRunner(trainer, train_loader, saved)
+        # The process's first steps pay one-off costs (thread pools, allocator, kernel selection) that no
+        # later trial pays: measured alone, the user's start looked up to 2x slower than it is and lost
+        # close calls it should win. One untimed pass first (its time counts in report.seconds).
+        runner.warm_up(dict(original))
+
+        def share_of_run(first_that_ran: Measurement) -> float:
+            return share * space.run_samples / first_that_ran.samples_per_s
+
+        try:
+            result = search(original, runner, space, budget if budget is not None else share_of_run)
+        except NotTunable as error:
+            raise NotTunableError("tune(train_loader=...)", f"cannot be tuned: {error}.") from error
         ran = next((r.measurement for r in result.trials if r.measurement.ok), None)
         expected = space.run_samples / ran.samples_per_s if ran is not None else None
-    finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
-    state.restore(saved)
-    report = _report(trainer, result, original, time.perf_counter() - started, expected, finder)
-    return report
-
-
-def _replaying(runner: TrialRunner, original: dict[str, Any], first: Measurement) -> Any:
-    """The trial function, answering the first request for the original point with the trial already run."""
-    pending = [first]
-
-    def trial(point: dict[str, Any]) -> Measurement:
-        if pending and point == original:
-            return pending.pop()
-        return runner(point)
-    return trial
+        finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
+    finally:
+        state.restore(saved)
+    return _report(trainer, result, original, time.perf_counter() - started, expected, finder)
 
 
 def _find_lr(trainer: Trainer, loader: DataLoader, chosen: dict[str, Any]) -> Any:
@@ -225,12 +230,13 @@ def _report(trainer: Trainer, result: SearchResult, original: dict[str, Any], se
     old, new = original["batch_size"], chosen["batch_size"]
     new_accumulate = accumulation_for(accumulate * old, new) if accumulate > 1 else 1
     lr = state.lr
-    factor = scale_lr(1.0, accumulate * old, new_accumulate * new, "sqrt") if new != old else 1.0
+    rule = lr_scaling(trainer)
+    factor = scale_lr(1.0, accumulate * old, new_accumulate * new, rule) if new != old else 1.0
     original = {**original, "accumulate_grad_batches": accumulate, "lr": lr}
     chosen.update(accumulate_grad_batches=new_accumulate, lr=lr * factor)
     reasons = dict(result.reasons)
     if factor != 1.0:
-        reasons["lr"] = f"sqrt rule for batch {old * accumulate} -> {new * new_accumulate}: lr x{factor:.3g}"
+        reasons["lr"] = f"{rule} rule for batch {old * accumulate} -> {new * new_accumulate}: lr x{factor:.3g}"
     finder_dict = None
     if finder is not None:
         finder_dict = finder.as_dict() if hasattr(finder, "as_dict") else {"suggestion": finder.suggestion}
@@ -246,6 +252,12 @@ def _report(trainer: Trainer, result: SearchResult, original: dict[str, Any], se
 
 
 # ---------------------------------------------------------------------- applying
+def lr_scaling(trainer: Trainer) -> str | None:
+    """The LR rule for a new batch size: ``adaptive_batch_size``'s ``lr_scaling`` when given, else sqrt."""
+    options = trainer.batch_sizing.options
+    return options.lr_scaling if options is not None else "sqrt"
+
+
 def apply_point(trainer: Trainer, original: Mapping[str, Any], chosen: Mapping[str, Any],
                 reasons: Mapping[str, str] | None = None, record: bool = True, rescale: bool = True) -> None:
     """Train with ``chosen`` from now on: precision, layout, compile, micro-batch, then the loader
@@ -258,7 +270,7 @@ def apply_point(trainer: Trainer, original: Mapping[str, Any], chosen: Mapping[s
     state.micro_batch_size = chosen["micro_batch_size"]
     if chosen["batch_size"] != original["batch_size"]:
         if rescale:
-            apply_batch_size(trainer, original["batch_size"], chosen["batch_size"], "sqrt")
+            apply_batch_size(trainer, original["batch_size"], chosen["batch_size"], lr_scaling(trainer))
         else:
             trainer._install_train_loader(stable_loader(state.train_loader, batch_size=chosen["batch_size"]))
             state.batch_size = chosen["batch_size"]
@@ -281,6 +293,7 @@ class AutoTune:
     def __init__(self, enabled: bool = False, share: float = DEFAULT_SHARE) -> None:
         self.enabled, self.share = enabled, share
         self.report: TuneReport | None = None
+        self.applied = False  # this run's settings come from auto (then auto_num_workers has nothing to do)
 
     def prepare(self, trainer: Trainer, resumed: Mapping[str, Any] | None) -> bool:
         """Search and apply (a fresh run) or re-apply what the run chose (resume, ``fit`` again).
@@ -290,20 +303,23 @@ class AutoTune:
         state = trainer.state
         original = current_point(trainer, state.train_loader)
         if resumed is not None or state.global_step > 0:
-            self._reapply(trainer, original, resumed)
-            return True
-        if trainer.limit_batches:
-            trainer.print("adaptrain: auto tuning skipped (fast_dev_run)")
-            return False
-        if distributed.world_size() > 1:
-            trainer.print("adaptrain: auto tuning skipped on several processes (run `adaptrain tune` on one, "
-                          "then launch the tuned config)")
-            return False
-        if loader_length(state.train_loader) is None or rebuildable(state.train_loader):
-            trainer.print(f"adaptrain: auto tuning skipped: the train loader is {rebuildable(state.train_loader)}")
-            return False
+            self.applied = self._reapply(trainer, original, resumed)
+            return self.applied
+        why = "fast_dev_run" if trainer.limit_batches else why_not_tunable(state.train_loader)
+        if why is None and distributed.world_size() > 1:
+            why = "several processes (run `adaptrain tune` on one, then launch the tuned config)"
+        keep_batch = self._schedule_needs_the_batch(trainer)
         mode = trainer.batch_sizing.options.mode if trainer.batch_sizing.options is not None else "full"
-        report = self.report = tune(trainer, state.train_loader, share=self.share, batch_mode=mode)
+        report = None
+        try:
+            report = None if why else tune(trainer, state.train_loader, share=self.share, batch_mode=mode,
+                                           keep_batch_size=keep_batch)
+        except NotTunableError as error:
+            why = str(error)
+        if report is None:
+            trainer.print(f"adaptrain: auto tuning skipped: {why}")
+            return False
+        self.report, self.applied = report, True
         apply_point(trainer, original, report.chosen, report.reasons)
         share = f"{report.share:.1%} of the expected {report.expected_run_s:.0f} s run" if report.share else \
             "share of the run unknown"
@@ -314,13 +330,26 @@ class AutoTune:
                           trials=report.trials, notes=report.notes)
         return True
 
-    def _reapply(self, trainer: Trainer, original: dict[str, Any], resumed: Mapping[str, Any] | None) -> None:
+    @staticmethod
+    def _schedule_needs_the_batch(trainer: Trainer) -> bool:
+        """A per-step scheduler instance built for this batch cannot follow another: auto keeps the batch."""
+        spec = trainer._schedule.spec
+        try:
+            check_rescalable(spec["scheduler"], spec["interval"])
+        except ConfigError as error:
+            trainer.print(f"adaptrain: auto keeps the batch size: {str(error).split(';')[0]}")
+            return True
+        return False
+
+    def _reapply(self, trainer: Trainer, original: dict[str, Any], resumed: Mapping[str, Any] | None) -> bool:
         """The run's recorded choice, without trials. On resume everything is applied to the fresh trainer
         (the checkpoint then restores the exact LR); on ``fit()`` again the trainer's own settings are the
         chosen ones already, so only the loader given anew gets the chosen batch and workers."""
         adaptations = resumed["history"].get("adaptations", ()) if resumed is not None else \
             trainer.state.history.adaptations
         entry = next((a for a in reversed(adaptations) if a.get("kind") == "auto"), None)
-        if entry is not None:
-            recorded = {k: v for k, v in entry["after"].items() if k in original}
-            apply_point(trainer, original, {**original, **recorded}, record=False, rescale=resumed is not None)
+        if entry is None:  # auto was skipped in this run
+            return False
+        recorded = {k: v for k, v in entry["after"].items() if k in original}
+        apply_point(trainer, original, {**original, **recorded}, record=False, rescale=resumed is not None)
+        return True

@@ -330,7 +330,7 @@ class BatchSizing:
                 trainer._install_train_loader(LoaderSpec.from_loader(state.train_loader).build(batch_size=chosen))
                 state.batch_size = chosen
             return
-        if isinstance(self.micro, int):
+        if isinstance(self.micro, int) and not self.searched:  # auto measured from it and chose already
             state.micro_batch_size = self.micro
         if trainer.limit_batches and (self.options is not None or self.micro == "auto"):
             trainer.print("adaptrain: batch-size search skipped (fast_dev_run)")

@@ -115,6 +115,8 @@ class LoaderAutotune(Callback):
                               "__len__), or set auto_num_workers to false and choose num_workers yourself.")
 
     def before_fit(self, trainer: Trainer) -> None:
+        if trainer.autotune.applied:  # Trainer(auto=True) measured the workers with everything else
+            return
         self.check(trainer)
         state = trainer.state
         before = LoaderSettings.from_dict(loader_settings(state.train_loader))

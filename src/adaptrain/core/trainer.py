@@ -161,7 +161,7 @@ class Trainer(TrainingLoop):
         callbacks = list(callbacks or [])
         if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
-        if auto_num_workers and not auto and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
+        if auto_num_workers and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
             callbacks.append(LoaderAutotune())
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device, precision=self.precision,

@@ -46,8 +46,11 @@ MiB = 2**20
 def current_point(trainer: Trainer, loader: Any) -> dict[str, Any]:
     """The configuration the trainer and ``loader`` run now, as a search point."""
     settings = LoaderSettings.from_dict(loader_settings(loader))
+    micro = trainer.state.micro_batch_size
+    if micro is None and isinstance(trainer.batch_sizing.micro, int):  # Trainer(micro_batch_size=N), before fit
+        micro = trainer.batch_sizing.micro
     return {"precision": trainer.precision.name, "channels_last": trainer.channels_last,
-            "batch_size": loader_batch_size(loader), "micro_batch_size": trainer.state.micro_batch_size,
+            "batch_size": loader_batch_size(loader), "micro_batch_size": micro,
             "num_workers": settings.num_workers, "prefetch_factor": settings.prefetch_factor,
             "pin_memory": settings.pin_memory, "compile": trainer.compile}
 
@@ -130,28 +133,33 @@ class TrialRunner:
         started = time.perf_counter()
         gauge = MemoryGauge(trainer.device)
         settings = LoaderSettings(point["num_workers"], point.get("prefetch_factor"), bool(point.get("pin_memory")))
-        timing, failed = None, None
-        with configured(trainer, point):
-            gauge.reset()
-            try:
-                timing = time_trial(trainer, self.loader, settings, self.rounds, batch_size=point["batch_size"],
-                                    min_seconds=self.min_seconds)
-            except OOM_ERRORS as error:
-                failed = f"out of memory ({type(error).__name__})"
-                traceback.clear_frames(error.__traceback__)  # its frames hold the failed step's tensors
-            except TooFewBatches as error:
-                failed = str(error)
-            except Exception as error:  # only a compile failure is a result; anything else is the user's bug
-                if not point.get("compile") or trainer.compile:
-                    raise
-                failed = f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-            peak = gauge.peak_fraction()
-        trainer.state.restore(self.snapshot)  # with the run's own precision plugin back (its scaler state)
+        compiles_here = bool(point.get("compile")) and not trainer.compile  # only then is a failure a result
+        timing, failed, oom = None, None, False
+        trainer.batch_sizing.probing = True  # an OOM in a trial is a result, not something to recover from
+        try:
+            with configured(trainer, point):
+                gauge.reset()
+                try:
+                    timing = time_trial(trainer, self.loader, settings, self.rounds, batch_size=point["batch_size"],
+                                        min_seconds=self.min_seconds)
+                except OOM_ERRORS as error:
+                    failed, oom = f"out of memory ({type(error).__name__})", True
+                    traceback.clear_frames(error.__traceback__)  # its frames hold the failed step's tensors
+                except TooFewBatches as error:
+                    failed = str(error)
+                except Exception as error:  # a compile failure is a result; anything else is the user's bug
+                    if not compiles_here:
+                        raise
+                    failed = f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                peak = gauge.peak_fraction()
+        finally:
+            trainer.batch_sizing.probing = False
+            trainer.state.restore(self.snapshot)  # with the run's own precision plugin back (its scaler state)
         if gauge.cuda:
             torch.cuda.empty_cache()
         seconds = time.perf_counter() - started
         if timing is None:
-            return Measurement(None, seconds, peak_fraction=peak, error=failed)
+            return Measurement(None, seconds, peak_fraction=peak, error=failed, out_of_memory=oom)
         return _measurement(timing, seconds, peak, gauge.capacity, bool(point.get("compile")))
 
 
