@@ -288,3 +288,15 @@ def test_auto_on_a_data_set_too_short_to_time_says_so_and_trains_as_given(capsys
     assert "auto tuning skipped" in capsys.readouterr().out and trainer.state.global_step == 2
     with pytest.raises(ConfigError, match="train_loader"):
         _trainer().tune(small, budget=3)
+
+
+def test_a_trial_far_slower_than_the_best_so_far_stops_after_one_timed_round():
+    from adaptrain.core.loader_trials import time_trial
+    from adaptrain.tuning.loader_tuning import LoaderSettings
+
+    trainer = _trainer()
+    saved = trainer.state.snapshot()
+    hopeless = time_trial(trainer, _loader(), LoaderSettings(0), rounds=3, give_up_below=float("inf"))
+    full = time_trial(trainer, _loader(), LoaderSettings(0), rounds=3, give_up_below=0.0)
+    trainer.state.restore(saved)
+    assert len(hopeless.rates) == 1 and len(full.rates) == 3

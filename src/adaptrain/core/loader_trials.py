@@ -201,12 +201,14 @@ def trial_plan(settings: LoaderSettings, batches: int | None, rounds: int) -> tu
 
 
 def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, rounds: int = 3,
-               batch_size: int | None = None, min_seconds: float = 0.0) -> Timing:
+               batch_size: int | None = None, min_seconds: float = 0.0, give_up_below: float | None = None) -> Timing:
     """Real steps (``trainer.run_step``: the model changes; the caller restores it) on a measurement
     loader with ``settings`` (and ``batch_size``, default the loader's); raises :class:`TooFewBatches`
     before any work when the epoch is too short. ``min_seconds``: more rounds (as many as the epoch
     holds, at most :data:`MAX_ROUNDS`) until the timed part lasts that long, so fast steps are not
-    timed over a few milliseconds of a busy machine."""
+    timed over a few milliseconds of a busy machine. ``give_up_below``: stop after the first timed round
+    when its samples/s is already under this (a candidate far slower than the best so far cannot win:
+    timing it longer only spends the budget)."""
     batch_size = batch_size or measure_batch_size(loader)
     batches_per_epoch = loader_length(loader)
     if batches_per_epoch is not None and batch_size != measure_batch_size(loader):
@@ -226,6 +228,8 @@ def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, r
         while len(timing.rates) < rounds or (timing.data_time + timing.compute_time < min_seconds
                                               and len(timing.rates) < most):
             _time_round(trainer, batches, per_round, timing, cuda)
+            if give_up_below is not None and timing.rates[-1] < give_up_below:
+                break
         timing.ram_fraction = psutil.virtual_memory().percent / 100  # with this trial's workers alive
     finally:
         stop_workers_now(batches)

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["TrialRunner", "configured", "current_point", "set_precision", "set_compile", "set_channels_last"]
 
 MiB = 2**20
+#: A trial whose first timed round runs under this share of the best trial's samples/s stops there: the
+#: search's margins are a few percent, so it cannot win (16-mixed on a CPU, 10-23x slower, cost a whole
+#: short run's budget when it was timed in full).
+GIVE_UP = 0.5
 
 
 def current_point(trainer: Trainer, loader: Any) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class TrialRunner:
                  min_seconds: float = 0.5) -> None:
         self.trainer, self.loader, self.snapshot, self.rounds = trainer, loader, snapshot, rounds
         self.min_seconds = min_seconds
+        self.best_rate = 0.0  # the fastest trial so far: a trial under GIVE_UP of it stops after one round
 
     def warm_up(self, point: dict[str, Any]) -> None:
         """A short untimed trial at ``point`` (the process's first steps), undone like any other."""
@@ -141,7 +146,8 @@ class TrialRunner:
                 gauge.reset()
                 try:
                     timing = time_trial(trainer, self.loader, settings, self.rounds, batch_size=point["batch_size"],
-                                        min_seconds=self.min_seconds)
+                                        min_seconds=self.min_seconds,
+                                        give_up_below=GIVE_UP * self.best_rate if self.best_rate else None)
                 except OOM_ERRORS as error:
                     failed, oom = f"out of memory ({type(error).__name__})", True
                     traceback.clear_frames(error.__traceback__)  # its frames hold the failed step's tensors
@@ -160,7 +166,9 @@ class TrialRunner:
         seconds = time.perf_counter() - started
         if timing is None:
             return Measurement(None, seconds, peak_fraction=peak, error=failed, out_of_memory=oom)
-        return _measurement(timing, seconds, peak, gauge.capacity, bool(point.get("compile")))
+        measured = _measurement(timing, seconds, peak, gauge.capacity, bool(point.get("compile")))
+        self.best_rate = max(self.best_rate, measured.samples_per_s or 0.0)
+        return measured
 
 
 def _measurement(timing: Any, seconds: float, peak: float, capacity: float, compiled: bool) -> Measurement:
