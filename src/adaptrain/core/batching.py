@@ -17,10 +17,10 @@ from adaptrain.errors import BatchStructureError
 
 def unpack_batch(batch: Any, loader_name: str) -> tuple[Any, Any]:
     """Unpack a batch into (inputs, targets), or raise an error naming the loader and what it yielded."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:  # the common case first: this runs every batch
+        return batch[0], batch[1]
     if isinstance(batch, dict) and "inputs" in batch and "targets" in batch:
         return batch["inputs"], batch["targets"]
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
     raise BatchStructureError(
         f"{loader_name} yielded {describe(batch)}; expected (inputs, targets) - a tuple or list of two, "
         f"or a dict with keys 'inputs' and 'targets'."
@@ -56,6 +56,9 @@ def rebuild(seq: tuple | list, items: list) -> Any:
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, torch.Tensor):  # the common case first: one check per forward
+        return model(inputs)
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -66,7 +69,7 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
 def batch_size_of(inputs: Any, targets: Any = None) -> int:
     """The number of samples: dim 0 of the first tensor found (targets first, then inputs)."""
     for obj in (targets, inputs):
-        tensor = _first_tensor(obj)
+        tensor = obj if isinstance(obj, torch.Tensor) else _first_tensor(obj)  # a tensor: no call (every batch)
         if tensor is not None and tensor.dim() > 0:
             return int(tensor.shape[0])
     raise BatchStructureError(f"cannot tell the batch size: no tensor with a batch dimension in {describe(inputs)}.")

@@ -12,6 +12,9 @@ from typing import Any, ContextManager
 import torch
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+#: fp32's autocast: nullcontext holds no state, so one instance serves every forward (building one per
+#: forward costs an object and a Python call per step).
+_NO_AUTOCAST = contextlib.nullcontext()
 
 
 def precision_support(precision: str, device_type: str, capability: tuple[int, int] | None = None) -> str | None:
@@ -51,7 +54,7 @@ class Precision:
         self.device = device
 
     def autocast(self) -> ContextManager[Any]:
-        return contextlib.nullcontext()
+        return _NO_AUTOCAST
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
