@@ -93,10 +93,11 @@ class TrainingLoop:
         epoch_start = time.perf_counter()
         samples_before = state.samples_seen
         batches = self._epoch_batches()
+        clock = time.perf_counter
         try:
-            fetch_start = time.perf_counter()
+            fetch_start = clock()
             for batch in self._limited(batches):
-                compute_start = time.perf_counter()
+                compute_start = clock()
                 state.data_time += compute_start - fetch_start
                 inputs, targets = unpack_batch(batch, "train_loader")
                 samples = state.batch_samples = batch_size_of(inputs, targets)  # the position counts what was fetched
@@ -105,7 +106,7 @@ class TrainingLoop:
                 state.epoch_samples += samples
                 state.samples_seen += samples
                 self._with_events("batch", self._train_batch, on_cancel=self._drop_cancelled_batch)
-                fetch_start = time.perf_counter()
+                fetch_start = clock()
                 state.compute_time += fetch_start - compute_start
         except (CancelTrainException, CancelEpochException):
             self._close_train_phase(epoch_start, state.samples_seen - samples_before)
@@ -147,21 +148,21 @@ class TrainingLoop:
         return batches
 
     def _train_batch(self) -> None:
-        state = self.state
+        state, window = self.state, self.state.window
         fetched, inputs, targets = state.unpacked
         if state.batch is not fetched:  # before_batch replaced the batch
             inputs, targets = unpack_batch(state.batch, "train_loader")
             state.batch_samples = batch_size_of(inputs, targets)
-        state.window.batches.append((inputs, targets, state.batch_idx, state.batch_samples))
-        self._accumulate_or_recompute(inputs, targets, state.batch_idx, state.batch_samples)
+        index, samples = state.batch_idx, state.batch_samples
+        window.batches.append((inputs, targets, index, samples))
+        self._accumulate_or_recompute(inputs, targets, index, samples)
         if self._hooks[AFTER_BACKWARD]:
             self.callbacks.fire(AFTER_BACKWARD, self)
-        window_full = state.batch_idx % state.accumulate_grad_batches == 0
-        if window_full or state.batch_idx == state.num_batches:
-            if state.window.samples:
+        if state.batch_idx % state.accumulate_grad_batches == 0 or state.batch_idx == state.num_batches:
+            if window.samples:
                 self._step()
             else:
-                state.window.clear()  # every loss of the window was skipped (nan_policy="skip"): no step
+                window.clear()  # every loss of the window was skipped (nan_policy="skip"): no step
         if state.batch_idx % self.log_every_n_steps == 0:
             self._refresh()
 
@@ -180,32 +181,33 @@ class TrainingLoop:
         """Forward and backward of one loader batch, micro-batch by micro-batch, into ``.grad``."""
         state, window = self.state, self.state.window
         micro_batches = split_micro_batches(inputs, targets, state.micro_batch_size)
+        pieces = len(micro_batches)
         if not window.samples:  # the first batch of the window decides (a recompute starts the window again)
-            window.weighted = state.accumulate_grad_batches > 1 or len(micro_batches) > 1 or self.strategy is not None
+            window.weighted = state.accumulate_grad_batches > 1 or pieces > 1 or self.strategy is not None
             # several ranks: one constant for all (see distributed.strategy: the step's exact mean over ranks)
             window.reference = (state.batch_size or 1) if self.strategy is not None else batch_samples
-        keep_outputs = bool(state.train_sums.metrics.entries)  # metrics need them at commit; nothing else does
-        closes = tag == 0 or tag % state.accumulate_grad_batches == 0 or tag == state.num_batches
         for index, (micro_inputs, micro_targets) in enumerate(micro_batches):
-            if self.strategy is not None:  # gradients all-reduce only in the window's last backward
-                with self.strategy.gradient_sync(self._forward_model, closes and index == len(micro_batches) - 1):
-                    self._micro_step(micro_inputs, micro_targets, len(micro_batches), batch_samples, tag, keep_outputs)
-                window.synced = closes
-            else:
-                self._micro_step(micro_inputs, micro_targets, len(micro_batches), batch_samples, tag, keep_outputs)
+            size = batch_size_of(micro_inputs, micro_targets) if pieces > 1 else batch_samples
+            if self.strategy is None:
+                self._micro_step(micro_inputs, micro_targets, size, tag)
+                continue
+            closes = tag == 0 or tag % state.accumulate_grad_batches == 0 or tag == state.num_batches
+            with self.strategy.gradient_sync(self._forward_model, closes and index == pieces - 1):
+                self._micro_step(micro_inputs, micro_targets, size, tag)
+            window.synced = closes  # gradients all-reduce only in the window's last backward
 
-    def _micro_step(self, micro_inputs: Any, micro_targets: Any, pieces: int, batch_samples: int, tag: int,
-                    keep_outputs: bool) -> None:
-        """Forward and backward of one micro-batch; its values wait in the window for the step."""
+    def _micro_step(self, micro_inputs: Any, micro_targets: Any, size: int, tag: int) -> None:
+        """Forward and backward of one micro-batch of ``size`` samples; its values wait in the window for the step."""
         state, window = self.state, self.state.window
         outputs, loss, parts = self._forward(micro_inputs, micro_targets, "train_loader")
-        size = batch_size_of(micro_inputs, micro_targets) if pieces > 1 else batch_samples
         state.outputs, state.loss = outputs, loss
         if self.nan_policy == "skip" and not torch.isfinite(loss):  # a sync, paid only in skip mode
             state.skipped_batches += 1
             return
-        window.tracked.append((loss.detach(), parts, _detached(outputs) if keep_outputs else None,
-                               micro_targets if keep_outputs else None, size, tag))
+        if state.train_sums.metrics.entries:  # metrics need the outputs at commit; nothing else does
+            window.tracked.append((loss.detach(), parts, _detached(outputs), micro_targets, size, tag))
+        else:
+            window.tracked.append((loss.detach(), parts, None, None, size, tag))
         # Weighted by its share of the window's first batch (about 1, so fp16 gradients do not grow
         # with the batch size); _step divides by samples / reference: one big batch's gradient.
         state.precision.backward(loss * (size / window.reference) if window.weighted else loss)
@@ -282,14 +284,12 @@ class TrainingLoop:
     # ------------------------------------------------------------------ the optimizer step
     def _step(self, events: bool = True) -> None:
         """Gradients of the window made true (averaged, unscaled, clipped), then the step stage."""
-        state, window = self.state, self.state.window
-        if self.strategy is not None:
-            if not window.synced:  # the window ended without its synchronised backward (a loader without len)
-                self.strategy.all_reduce_gradients(state.optimizer)
-            factor = window.reference * self.strategy.world_size / self.strategy.step_samples(window.samples)
-        else:
-            factor = window.reference / window.samples
-        if window.weighted:
+        state, window, strategy = self.state, self.state.window, self.strategy
+        if strategy is not None and not window.synced:  # the window ended without its synchronised backward
+            strategy.all_reduce_gradients(state.optimizer)  # (a loader without len)
+        if window.weighted:  # always on several ranks
+            factor = (window.reference * strategy.world_size / strategy.step_samples(window.samples)
+                      if strategy is not None else window.reference / window.samples)
             grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
             torch._foreach_mul_(grads, factor)
         state.precision.unscale(state.optimizer)  # before_step sees true gradients; GradScaler.step reuses found_inf
@@ -304,16 +304,17 @@ class TrainingLoop:
             self._raise_interrupt()
 
     def _apply_step(self) -> None:
-        state = self.state
-        state.step_lr = state.optimizer.param_groups[0]["lr"]
-        if not state.precision.step(state.optimizer):
+        state, optimizer, window = self.state, self.state.optimizer, self.state.window
+        state.step_lr = optimizer.param_groups[0]["lr"]
+        if not state.precision.step(optimizer):
             state.skipped_steps += 1  # the scheduler must not advance past a step that did not happen
         elif state.scheduler is not None and state.scheduler_interval == "step":
             state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        for tracked in state.window.tracked:  # the step succeeded: its values count
-            state.train_sums.add(*tracked)
-        state.window.clear()
+        optimizer.zero_grad(set_to_none=True)
+        add = state.train_sums.add
+        for tracked in window.tracked:  # the step succeeded: its values count
+            add(*tracked)
+        window.clear()
         state.global_step += 1
 
     def _drop_step(self) -> None:
