@@ -39,6 +39,7 @@ class WeightedMean:
         self.total: torch.Tensor | None = None
         self.count = 0
         self._pending: list[tuple[torch.Tensor, int, int]] = []  # (0-d value, weight, tag): one append a step
+        self._weights_cache: tuple[list[int], torch.Tensor | None] = ([], None)  # the last flush's, on the device
 
     def update(self, value: torch.Tensor, weight: int, tag: int = -1) -> None:
         if value.requires_grad:  # the loop passes detached losses: a second detach() costs ~0.5 µs a step
@@ -53,8 +54,7 @@ class WeightedMean:
             return None
         pending = self._pending
         values = torch.stack([value for value, _, _ in pending]).float()
-        weights = torch.tensor([weight for _, weight, _ in pending], dtype=torch.float32)
-        weights = weights.to(values.device, non_blocking=True)
+        weights = self._weights_tensor([weight for _, weight, _ in pending], values.device)
         folded = (values * weights).sum()
         self.total = folded if self.total is None else self.total + folded
         bad_tag = None
@@ -66,6 +66,15 @@ class WeightedMean:
                 bad_tag = pending[int((~finite).nonzero()[0])][2]
         self._pending = []
         return bad_tag
+
+    def _weights_tensor(self, weights: list[int], device: torch.device) -> torch.Tensor:
+        """The weights as a float32 tensor on ``device``; the last one again when nothing changed (the
+        batch sizes of a run repeat from one refresh point to the next: ~15 µs saved per flush)."""
+        last, tensor = self._weights_cache
+        if tensor is None or weights != last or tensor.device != device:
+            tensor = torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True)
+            self._weights_cache = (weights, tensor)
+        return tensor
 
     def first_nonfinite(self) -> int | None:
         """The tag of the first NaN/Inf value (pending or already folded into the total; -1 for the
