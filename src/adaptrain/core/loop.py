@@ -105,7 +105,7 @@ class TrainingLoop:
                 state.batch, state.batch_idx = batch, state.batch_idx + 1
                 state.epoch_samples += samples
                 state.samples_seen += samples
-                self._with_events("batch", self._train_batch, on_cancel=self._drop_cancelled_batch)
+                self._with_events("batch", self._train_batch, self._drop_cancelled_batch)
                 fetch_start = clock()
                 state.compute_time += fetch_start - compute_start
         except (CancelTrainException, CancelEpochException):
@@ -180,7 +180,8 @@ class TrainingLoop:
     def _accumulate(self, inputs: Any, targets: Any, tag: int, batch_samples: int) -> None:
         """Forward and backward of one loader batch, micro-batch by micro-batch, into ``.grad``."""
         state, window = self.state, self.state.window
-        micro_batches = split_micro_batches(inputs, targets, state.micro_batch_size)
+        micro_batches = (((inputs, targets),) if state.micro_batch_size is None  # unsplit: no call per batch
+                         else split_micro_batches(inputs, targets, state.micro_batch_size))
         pieces = len(micro_batches)
         if not window.samples:  # the first batch of the window decides (a recompute starts the window again)
             window.weighted = state.accumulate_grad_batches > 1 or pieces > 1 or self.strategy is not None
@@ -297,7 +298,7 @@ class TrainingLoop:
             params = [p for group in state.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
         if events:
-            self._with_events("step", self._apply_step, on_cancel=self._drop_step)
+            self._with_events("step", self._apply_step, self._drop_step)
         else:
             self._apply_step()
         if state.interrupt is not None:
