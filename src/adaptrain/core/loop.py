@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import torch
 
 from adaptrain.core.batching import batch_size_of, call_model, describe, split_micro_batches, to_device, unpack_batch
-from adaptrain.core.events import CANCEL_EXCEPTIONS, CancelEpochException, CancelTrainException, Event
+from adaptrain.core.events import (
+    CANCEL_EXCEPTIONS,
+    CancelBatchException,
+    CancelEpochException,
+    CancelStepException,
+    CancelTrainException,
+    Event,
+)
 from adaptrain.core.losses import split_loss
 from adaptrain.core.metrics import WeightedMean
 from adaptrain.core.state import rng_state, set_rng_state
@@ -44,6 +51,8 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 
 _STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{stage}") for stage in CANCEL_EXCEPTIONS}
+BEFORE_BATCH, AFTER_CANCEL_BATCH, AFTER_BATCH = _STAGE_EVENTS["batch"]
+BEFORE_STEP, AFTER_CANCEL_STEP, AFTER_STEP = _STAGE_EVENTS["step"]
 AFTER_BACKWARD = Event.AFTER_BACKWARD.value
 
 
@@ -99,13 +108,7 @@ class TrainingLoop:
             for batch in self._limited(batches):
                 compute_start = clock()
                 state.data_time += compute_start - fetch_start
-                inputs, targets = unpack_batch(batch, "train_loader")
-                samples = state.batch_samples = batch_size_of(inputs, targets)  # the position counts what was fetched
-                state.unpacked = (batch, inputs, targets)
-                state.batch, state.batch_idx = batch, state.batch_idx + 1
-                state.epoch_samples += samples
-                state.samples_seen += samples
-                self._with_events("batch", self._train_batch, self._drop_cancelled_batch)
+                self._train_batch(batch)
                 fetch_start = clock()
                 state.compute_time += fetch_start - compute_start
         except (CancelTrainException, CancelEpochException):
@@ -147,24 +150,40 @@ class TrainingLoop:
                 self._refresh()  # the uninterrupted run folded its sums right after this batch
         return batches
 
-    def _train_batch(self) -> None:
-        state, window = self.state, self.state.window
-        fetched, inputs, targets = state.unpacked
-        if state.batch is not fetched:  # before_batch replaced the batch
-            inputs, targets = unpack_batch(state.batch, "train_loader")
-            state.batch_samples = batch_size_of(inputs, targets)
-        index, samples = state.batch_idx, state.batch_samples
-        window.batches.append((inputs, targets, index, samples))
-        self._accumulate_or_recompute(inputs, targets, index, samples)
-        if self._hooks[AFTER_BACKWARD]:
-            self.callbacks.fire(AFTER_BACKWARD, self)
-        if state.batch_idx % state.accumulate_grad_batches == 0 or state.batch_idx == state.num_batches:
-            if window.samples:
-                self._step()
-            else:
-                window.clear()  # every loss of the window was skipped (nan_policy="skip"): no step
-        if state.batch_idx % self.log_every_n_steps == 0:
-            self._refresh()
+    def _train_batch(self, batch: Any) -> None:
+        """One fetched batch, counted, as the batch stage: before_batch (may replace or cancel it), its
+        forward/backward into the window, the step when the window is full, after_batch. The pattern of
+        :meth:`_with_events`, written out here: it runs every batch, and the wrapper cost a call each."""
+        state, window, hooks = self.state, self.state.window, self._hooks
+        inputs, targets = unpack_batch(batch, "train_loader")
+        samples = state.batch_samples = batch_size_of(inputs, targets)  # the position counts what was fetched
+        state.unpacked = (batch, inputs, targets)
+        state.batch, state.batch_idx = batch, state.batch_idx + 1
+        state.epoch_samples += samples
+        state.samples_seen += samples
+        try:
+            if hooks[BEFORE_BATCH]:
+                self.callbacks.fire(BEFORE_BATCH, self)
+            if state.batch is not batch:  # before_batch replaced the batch
+                inputs, targets = unpack_batch(state.batch, "train_loader")
+                state.batch_samples = batch_size_of(inputs, targets)
+            index, samples = state.batch_idx, state.batch_samples
+            window.batches.append((inputs, targets, index, samples))
+            self._accumulate_or_recompute(inputs, targets, index, samples)
+            if hooks[AFTER_BACKWARD]:
+                self.callbacks.fire(AFTER_BACKWARD, self)
+            if state.batch_idx % state.accumulate_grad_batches == 0 or state.batch_idx == state.num_batches:
+                if window.samples:
+                    self._step()
+                else:
+                    window.clear()  # every loss of the window was skipped (nan_policy="skip"): no step
+            if state.batch_idx % self.log_every_n_steps == 0:
+                self._refresh()
+        except CancelBatchException:
+            self._drop_cancelled_batch()
+            self.callbacks.fire(AFTER_CANCEL_BATCH, self)
+        if hooks[AFTER_BATCH]:
+            self.callbacks.fire(AFTER_BATCH, self)
 
     def _accumulate_or_recompute(self, inputs: Any, targets: Any, tag: int, batch_samples: int) -> None:
         try:
@@ -297,26 +316,36 @@ class TrainingLoop:
         if self.gradient_clip_val is not None:
             params = [p for group in state.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
-        if events:
-            self._with_events("step", self._apply_step, self._drop_step)
-        else:
-            self._apply_step()
+        self._apply_step(events)
         if state.interrupt is not None:
             self._raise_interrupt()
 
-    def _apply_step(self) -> None:
-        state, optimizer, window = self.state, self.state.optimizer, self.state.window
-        state.step_lr = optimizer.param_groups[0]["lr"]
-        if not state.precision.step(optimizer):
-            state.skipped_steps += 1  # the scheduler must not advance past a step that did not happen
-        elif state.scheduler is not None and state.scheduler_interval == "step":
-            state.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        add = state.train_sums.add
-        for tracked in window.tracked:  # the step succeeded: its values count
-            add(*tracked)
-        window.clear()
-        state.global_step += 1
+    def _apply_step(self, events: bool) -> None:
+        """The step stage: before_step (may cancel it: :meth:`_drop_step`), the optimizer and scheduler
+        step, the step's values counted, after_step. The pattern of :meth:`_with_events`, written out
+        here (it runs every step); without ``events`` (trials) no event fires and nothing cancels."""
+        state, optimizer, window, hooks = self.state, self.state.optimizer, self.state.window, self._hooks
+        try:
+            if events and hooks[BEFORE_STEP]:
+                self.callbacks.fire(BEFORE_STEP, self)
+            state.step_lr = optimizer.param_groups[0]["lr"]
+            if not state.precision.step(optimizer):
+                state.skipped_steps += 1  # the scheduler must not advance past a step that did not happen
+            elif state.scheduler is not None and state.scheduler_interval == "step":
+                state.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            add = state.train_sums.add
+            for tracked in window.tracked:  # the step succeeded: its values count
+                add(*tracked)
+            window.clear()
+            state.global_step += 1
+        except CancelStepException:
+            if not events:
+                raise
+            self._drop_step()
+            self.callbacks.fire(AFTER_CANCEL_STEP, self)
+        if events and hooks[AFTER_STEP]:
+            self.callbacks.fire(AFTER_STEP, self)
 
     def _drop_step(self) -> None:
         """``before_step`` cancelled the step: its gradients and values are dropped."""
@@ -330,14 +359,16 @@ class TrainingLoop:
         errors name the culprit."""
         if self.device.type != "cpu":  # loaders yield CPU tensors: on the CPU there is nothing to move
             inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        model = model or self._forward_model
         with self.state.precision.autocast():
-            try:
-                outputs = call_model(model or self._forward_model, inputs)
+            try:  # a tensor (the common case) without the helper's call
+                outputs = model(inputs) if isinstance(inputs, torch.Tensor) else call_model(model, inputs)
             except Exception as error:
                 _reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
                                        f"{describe(inputs)} from {loader_name}")
             try:
-                loss, parts = split_loss(self.criterion(outputs, targets))
+                result = self.criterion(outputs, targets)
+                loss, parts = (result, {}) if isinstance(result, torch.Tensor) else split_loss(result)
             except Exception as error:
                 _reraise_naming(error, f"the criterion ({_name(self.criterion)}) failed on outputs "
                                        f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
