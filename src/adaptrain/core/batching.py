@@ -137,3 +137,29 @@ def _slice(obj: Any, start: int, stop: int, size: int) -> Any:
     if isinstance(obj, (tuple, list)):
         return rebuild(obj, [_slice(v, start, stop, size) for v in obj])
     return obj
+
+
+def reraise_naming(error: Exception, where: str) -> None:
+    """Raise the same kind of error with the place named. Subclasses (OOM, adaptrain's own errors)
+    pass unchanged, with a note, so handlers that catch them (an OOM back-off) still can."""
+    if type(error) in (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+        raise type(error)(f"{where}: {error}") from error
+    if hasattr(error, "add_note"):
+        error.add_note(where)
+    raise error
+
+
+def name_of(obj: Any) -> str:
+    return getattr(obj, "__name__", type(obj).__name__)
+
+
+def detached(outputs: Any) -> Any:
+    """Outputs without their autograd graph (metrics only read them)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    if isinstance(outputs, dict):
+        return {k: detached(v) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(detached(v) for v in outputs) if not hasattr(outputs, "_fields") else \
+            type(outputs)(*(detached(v) for v in outputs))
+    return outputs

@@ -1,4 +1,4 @@
-"""The loop the :class:`~adaptrain.Trainer` runs: fit -> epoch -> train -> batch -> step, and evaluation.
+"""The loop the :class:`~adaptrain.Trainer` runs: fit -> epoch -> train -> batch -> step (evaluation: :mod:`adaptrain.core.evaluation`).
 
 Read top to bottom, it is the pseudocode of :mod:`adaptrain.core.events`. Every piece of progress
 lives on ``self.state`` (:class:`~adaptrain.TrainState`); features plug in through events and the
@@ -16,16 +16,25 @@ already mixed into ``.grad``; what it costs is recomputing at most one window af
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 import traceback
-import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from adaptrain.core.batching import batch_size_of, call_model, describe, split_micro_batches, to_device, unpack_batch
+from adaptrain.core.batching import (
+    batch_size_of,
+    call_model,
+    describe,
+    detached,
+    name_of,
+    reraise_naming,
+    split_micro_batches,
+    to_device,
+    unpack_batch,
+)
+from adaptrain.core.evaluation import EvaluationLoop
 from adaptrain.core.events import (
     CANCEL_EXCEPTIONS,
     CancelBatchException,
@@ -35,16 +44,13 @@ from adaptrain.core.events import (
     Event,
 )
 from adaptrain.core.losses import split_loss
-from adaptrain.core.metrics import WeightedMean
 from adaptrain.core.state import rng_state, set_rng_state
-from adaptrain.data.loaders import LoaderSpec, loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
+from adaptrain.data.loaders import loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
 from adaptrain.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
     from adaptrain.core.state import TrainState
 
-#: Val batches run by the sanity pass before the first step (Lightning's num_sanity_val_steps).
-SANITY_VAL_BATCHES = 2
 #: The out-of-memory errors a step can recover from, matched by type, never by message text.
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
@@ -56,8 +62,9 @@ BEFORE_STEP, AFTER_CANCEL_STEP, AFTER_STEP = _STAGE_EVENTS["step"]
 AFTER_BACKWARD = Event.AFTER_BACKWARD.value
 
 
-class TrainingLoop:
-    """The loop's methods; :class:`~adaptrain.Trainer` holds the arguments and the public API."""
+class TrainingLoop(EvaluationLoop):
+    """The loop's methods (evaluation in :class:`~adaptrain.core.evaluation.EvaluationLoop`);
+    :class:`~adaptrain.Trainer` holds the arguments and the public API."""
 
     state: TrainState
 
@@ -225,7 +232,7 @@ class TrainingLoop:
             state.skipped_batches += 1
             return
         if state.train_sums.metrics.entries:  # metrics need the outputs at commit; nothing else does
-            window.tracked.append((loss.detach(), parts, _detached(outputs), micro_targets, size, tag))
+            window.tracked.append((loss.detach(), parts, detached(outputs), micro_targets, size, tag))
         else:
             window.tracked.append((loss.detach(), parts, None, None, size, tag))
         # Weighted by its share of the window's first batch (about 1, so fp16 gradients do not grow
@@ -364,16 +371,16 @@ class TrainingLoop:
             try:  # a tensor (the common case) without the helper's call
                 outputs = model(inputs) if isinstance(inputs, torch.Tensor) else call_model(model, inputs)
             except Exception as error:
-                _reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
+                reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
                                        f"{describe(inputs)} from {loader_name}")
             try:
                 result = self.criterion(outputs, targets)
                 loss, parts = (result, {}) if isinstance(result, torch.Tensor) else split_loss(result)
             except Exception as error:
-                _reraise_naming(error, f"the criterion ({_name(self.criterion)}) failed on outputs "
+                reraise_naming(error, f"the criterion ({name_of(self.criterion)}) failed on outputs "
                                        f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
         if loss.numel() != 1:  # shape is host-side: no sync
-            raise ValueError(f"the criterion ({_name(self.criterion)}) returned a loss of shape {list(loss.shape)} "
+            raise ValueError(f"the criterion ({name_of(self.criterion)}) returned a loss of shape {list(loss.shape)} "
                              f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', "
                              "not 'none'.")
         return outputs, loss, parts
@@ -393,67 +400,6 @@ class TrainingLoop:
         steps_this_epoch = state.batch_idx // acc + (1 if state.batch_idx % acc and not state.window.samples else 0)
         step = state.global_step - steps_this_epoch + math.ceil(bad_batch / acc)  # the step that used it
         return NonFiniteLossError(state.epoch + 1, step, bad_batch)
-
-    # ------------------------------------------------------------------ evaluation
-    def _validate_epoch(self) -> None:
-        values = self._run_eval(self._limited(self.state.val_loader), "val", "val_loader")
-        bad = sorted(key for key, value in values.items() if not math.isfinite(value))
-        if bad:  # the values are on the host already: no extra sync
-            message = (f"validation at epoch {self.state.epoch + 1} gave non-finite {', '.join(bad)} "
-                       "(a NaN/Inf in the val data, or weights that diverged)")
-            if self.nan_policy == "raise":
-                raise NonFiniteLossError.from_message(message + "; pass nan_policy='skip' to keep training.")
-            warnings.warn(message + "; no checkpoint ranks it as best.")
-        self.state.epoch_logs.update(values)
-        self.state.validated = True
-
-    def _sanity_check(self) -> list[str]:
-        """A forward pass over the first val batches before training, so a val-side mistake (shapes, the
-        criterion, a metric) stops the run now, not one epoch late. It leaves every RNG as it was (a
-        shuffling val loader included) and fires no events. Returns the val_ keys validation records."""
-        state = self.state
-        saved, loader_state = rng_state(), loader_rng_state(state.val_loader)
-        loader = state.val_loader
-        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0):
-            # Workers forked now would live on for every validation, started before the signal handler
-            # sets them up: the sanity pass reads from a non-persistent copy (same generator) instead.
-            loader = LoaderSpec.from_loader(loader).build(persistent_workers=False)
-        try:
-            values = self._run_eval(itertools.islice(loader, SANITY_VAL_BATCHES), "val", "val_loader")
-        finally:
-            set_rng_state(saved)
-            set_loader_rng_state(state.val_loader, loader_state)
-        if not values:
-            warnings.warn("fit(val_loader=...): the val loader yielded no batches; epochs will have no val_ values.")
-        return list(values)
-
-    def _limited(self, loader: Iterable) -> Iterable:
-        """The loader, cut to ``limit_batches`` batches in a dry run (``fast_dev_run``)."""
-        return itertools.islice(loader, self.limit_batches) if self.limit_batches else loader
-
-    def _no_grad(self) -> Any:
-        """``inference_mode`` for evaluation; ``no_grad`` under FSDP, whose unsharded parameters made
-        in inference mode could not be updated in place by the next training step."""
-        return torch.no_grad() if self.strategy is not None and self.strategy.name == "fsdp" else torch.inference_mode()
-
-    def _run_eval(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
-        with self._no_grad():
-            return self._evaluate(loader, prefix, loader_name)
-
-    def _evaluate(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
-        self.model.eval()
-        self.val_metrics.reset()
-        losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
-        for batch in loader:
-            inputs, targets = unpack_batch(batch, loader_name)
-            outputs, loss, parts = self._forward(inputs, targets, loader_name, self._eval_model)
-            batch_size = batch_size_of(inputs, targets)
-            for name, value in {"loss": loss, **parts}.items():
-                losses.setdefault(name, WeightedMean()).update(value, batch_size)
-            self.val_metrics.update(outputs, targets, batch_size)
-        values = {name: mean.compute() for name, mean in losses.items()}
-        values.update(self.val_metrics.compute())
-        return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
 
     # ------------------------------------------------------------------ stages
     def _with_events(self, stage: str, run: Callable[[], None], on_cancel: Callable[[], None] | None = None) -> None:
@@ -478,34 +424,8 @@ class TrainingLoop:
             raise error
 
 
-def _reraise_naming(error: Exception, where: str) -> None:
-    """Raise the same kind of error with the place named. Subclasses (OOM, adaptrain's own errors)
-    pass unchanged, with a note, so handlers that catch them (an OOM back-off) still can."""
-    if type(error) in (RuntimeError, ValueError, TypeError, IndexError, KeyError):
-        raise type(error)(f"{where}: {error}") from error
-    if hasattr(error, "add_note"):
-        error.add_note(where)
-    raise error
-
-
-def _name(obj: Any) -> str:
-    return getattr(obj, "__name__", type(obj).__name__)
-
-
 def _ordered_record(logs: dict[str, Any]) -> dict[str, Any]:
     """epoch, lr, train_*, val_*, then the rest (times, forecasts): the column order of the CSV."""
     rank = {"epoch": 0, "lr": 1}
     return dict(sorted(logs.items(), key=lambda kv: rank.get(kv[0], 2 if kv[0].startswith("train_")
                                                               else 3 if kv[0].startswith("val_") else 4)))
-
-
-def _detached(outputs: Any) -> Any:
-    """Outputs without their autograd graph (metrics only read them)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.detach()
-    if isinstance(outputs, dict):
-        return {k: _detached(v) for k, v in outputs.items()}
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_detached(v) for v in outputs) if not hasattr(outputs, "_fields") else \
-            type(outputs)(*(_detached(v) for v in outputs))
-    return outputs

@@ -12,7 +12,6 @@ import torch
 from adaptrain.core import parallel
 from adaptrain.core.autotune import AutoTune, TuneReport, tune
 from adaptrain.core.batch_sizing import AdaptiveBatchSize, BatchSizing
-from adaptrain.core.batching import call_model, describe, detach_cpu, rebuild, to_device, unpack_batch
 from adaptrain.core.callback import Callback, CallbackList
 from adaptrain.core.events import Event
 from adaptrain.core.history import History
@@ -313,22 +312,6 @@ class Trainer(TrainingLoop):
         with self._no_grad():
             return self._predict(loader)
 
-    def _predict(self, loader: Iterable) -> Any:
-        self.model.eval()
-        outputs = []
-        for batch in loader:
-            inputs = _prediction_inputs(batch)
-            with self.precision.autocast():
-                try:
-                    outputs.append(detach_cpu(call_model(self._eval_model, to_device(inputs, self.device))))
-                except TypeError as error:
-                    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
-                    hint = (" A batch of two items is read as (inputs, targets); for a model with two inputs, give "
-                            "batches as ((x1, x2),) or {'inputs': (x1, x2)}." if pair else "")
-                    raise TypeError(f"predict: the model ({type(self.model).__name__}) failed on inputs "
-                                    f"{describe(inputs)}: {error}.{hint}") from error
-        return _concat(outputs)
-
     def replace_train_loader(self, loader: Iterable | None = None, **changes: Any) -> Iterable:
         """Swap the train loader: ``loader`` itself, or the current one rebuilt with ``changes``
         (``batch_size``, ``num_workers``, ``prefetch_factor``, ``pin_memory``, ``persistent_workers``).
@@ -460,28 +443,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise setting_error("device", str(device), 'MPS (Apple GPU) is not available on this machine; use "auto" '
                             'or "cpu".')
     return resolved
-
-
-def _prediction_inputs(batch: Any) -> Any:
-    """Inputs of a predict batch: a tensor, a 1-tuple (TensorDataset(x)), a dict without targets, or
-    (inputs, targets)."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 1:
-        return batch[0]
-    if isinstance(batch, dict) and "targets" not in batch:
-        return batch.get("inputs", batch)
-    return unpack_batch(batch, "predict loader")[0]
-
-
-def _concat(outputs: list) -> Any:
-    if not outputs:
-        return outputs
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, dict):
-        return {k: _concat([o[k] for o in outputs]) for k in first}
-    if isinstance(first, (tuple, list)):
-        return rebuild(first, [_concat([o[i] for o in outputs]) for i in range(len(first))])
-    return outputs
