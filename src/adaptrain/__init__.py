@@ -6,7 +6,7 @@ from adaptrain.callbacks.signals import SignalHandler, TrainingInterrupted
 from adaptrain.checkpoint.io import load_checkpoint, load_weights, save_weights
 from adaptrain.cli.config import load_config
 from adaptrain.core.autotune import TuneReport
-from adaptrain.core.batch_sizing import AdaptiveBatchSize
+from adaptrain.core.batch_options import AdaptiveBatchSize
 from adaptrain.core.callback import Callback
 from adaptrain.core.events import (
                               CancelBatchException,

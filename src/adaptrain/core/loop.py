@@ -1,4 +1,6 @@
-"""The loop the :class:`~adaptrain.Trainer` runs: fit -> epoch -> train -> batch -> step (evaluation: :mod:`adaptrain.core.evaluation`).
+"""The loop the :class:`~adaptrain.Trainer` runs: fit -> epoch -> train -> batch -> step.
+
+Evaluation (validation, the sanity pass, test, predict) is in :mod:`adaptrain.core.evaluation`.
 
 Read top to bottom, it is the pseudocode of :mod:`adaptrain.core.events`. Every piece of progress
 lives on ``self.state`` (:class:`~adaptrain.TrainState`); features plug in through events and the

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from adaptrain.core.batch_sizing import AdaptiveBatchSize
+from adaptrain.core.batch_options import AdaptiveBatchSize
 from adaptrain.core.precision import PRECISIONS
 from adaptrain.errors import ConfigError
 

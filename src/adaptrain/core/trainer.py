@@ -11,7 +11,8 @@ import torch
 
 from adaptrain.core import parallel
 from adaptrain.core.autotune import AutoTune, TuneReport, tune
-from adaptrain.core.batch_sizing import AdaptiveBatchSize, BatchSizing
+from adaptrain.core.batch_options import AdaptiveBatchSize
+from adaptrain.core.batch_sizing import BatchSizing
 from adaptrain.core.callback import Callback, CallbackList
 from adaptrain.core.events import Event
 from adaptrain.core.history import History
