@@ -88,6 +88,8 @@ def test_a_batch_that_does_not_fit_gets_a_micro_batch_and_keeps_batch_and_lr():
     assert report.trials[0]["error"].startswith("out of memory")
     assert report.chosen["micro_batch_size"] == 8 and report.chosen["batch_size"] == 32
     assert "same batch" in report.reasons["micro_batch_size"]
+    failed = report.table().splitlines()[1]  # the first trial's row
+    assert " failed " in failed and failed.endswith(f"({report.trials[0]['error']})")  # the reason, whole
     assert report.expected_run_s > 0  # from the first configuration that ran
 
 

@@ -104,9 +104,10 @@ class TuneReport:
         lines = [f"{'stage':<16} {'settings':<62} {'samples/s':>10} {'peak MiB':>9} {'s':>6}"]
         for trial in self.trials:
             settings = _short(trial["point"], self.original)
-            rate = f"{trial['samples_per_s']:.1f}" if trial["samples_per_s"] else (trial["error"] or "failed")[:10]
+            rate = f"{trial['samples_per_s']:.1f}" if trial["samples_per_s"] else "failed"
             peak = f"{trial['peak_memory_mib']:.0f}" if trial["peak_memory_mib"] is not None else "-"
-            lines.append(f"{trial['stage']:<16} {settings:<62} {rate:>10} {peak:>9} {trial['seconds']:>6.1f}")
+            why = f"  ({trial['error']})" if not trial["samples_per_s"] and trial["error"] else ""  # whole, not cut
+            lines.append(f"{trial['stage']:<16} {settings:<62} {rate:>10} {peak:>9} {trial['seconds']:>6.1f}{why}")
         lines.append("")
         changes = self.changes()
         for title, alters in (("changes that alter the optimisation", True), ("changes that only change speed", False)):
