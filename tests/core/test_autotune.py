@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adaptrain import Trainer
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
-from adaptrain.core.autotune import apply_point
+from adaptrain.core.autotune import apply_point, tune
 from adaptrain.core.tune_trials import TrialRunner, current_point
 from adaptrain.errors import ConfigError
 
@@ -129,10 +129,33 @@ def test_auto_applies_what_it_reports_and_records_it(tmp_path):
 
 def test_auto_budget_is_its_share_of_the_run_measured_by_the_first_configuration_that_ran():
     trainer = _trainer(auto=True, max_epochs=3)
+    trainer.autotune.share = 5.0  # these runs last a fraction of a second: 5% of one buys no trial
     trainer.fit(_loader())
     report = trainer.autotune.report
-    assert report.budget_s == pytest.approx(0.05 * report.expected_run_s)
+    assert report.trials and report.budget_s == pytest.approx(5.0 * report.expected_run_s)
     assert report.expected_run_s == pytest.approx(512 * 3 / report.trials[0]["samples_per_s"])
+
+
+def test_auto_does_not_tune_a_run_whose_budget_buys_fewer_than_two_trials(capsys):
+    plain = _trainer(max_epochs=2)
+    plain.fit(_loader())
+    trainer = _trainer(auto=True, max_epochs=2)
+    trainer.autotune.share = 1e-6  # a budget of microseconds: no trial fits in it, whatever this machine's speed
+    history = trainer.fit(_loader())
+    report = trainer.autotune.report
+    assert report.trials == [] and report.chosen == report.original and not report.changes()
+    assert "buys fewer than 2 trials" in report.notes[0] and "auto: not tuned: the expected" in capsys.readouterr().out
+    auto = [a for a in history.adaptations if a["kind"] == "auto"]  # the decision is recorded, as any other
+    assert len(auto) == 1 and auto[0]["before"] == auto[0]["after"] and auto[0]["trials"] == []
+    assert trainer.batch_size == 32 and trainer.precision.name == "32"
+    for a, b in zip(trainer.model.state_dict().values(), plain.model.state_dict().values()):
+        assert torch.equal(a, b)  # the warm-up was undone: the run is the one without auto
+
+
+def test_tune_with_the_default_budget_on_a_short_run_reports_why_it_did_not_search():
+    report = tune(_trainer(), _loader(), share=1e-6)  # trainer.tune's default share is 5%
+    assert report.trials == [] and report.chosen == report.original and report.budget_s < 1e-3
+    assert "not tuned" in report.table() and report.expected_run_s > 0
 
 
 def test_auto_resume_reapplies_the_choice_without_trials_and_matches_the_run_continued(tmp_path):

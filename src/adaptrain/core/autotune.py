@@ -14,8 +14,8 @@ workers and prefetch (only when the run waits for data), ``pin_memory`` on CUDA,
 (its compilation time counted against the expected run).
 
 Budget: by default 5% of the expected run, estimated from the first trial (the run's samples over its
-measured samples/s); the first trial always runs, so a very short run may spend more than its share on
-it, and says so.
+measured samples/s). A run too short for that budget to buy two trials (sized by the warm-up's one
+round) is not tuned at all: it pays the warm-up only, and the report says why.
 """
 
 from __future__ import annotations
@@ -46,7 +46,15 @@ from adaptrain.core.tune_trials import (
 from adaptrain.data.loaders import is_default_batching
 from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError
-from adaptrain.tuning.autotune import OPTIMISATION_KEYS, Measurement, NotTunable, SearchResult, Space, search
+from adaptrain.tuning.autotune import (
+    OPTIMISATION_KEYS,
+    Measurement,
+    NotTunable,
+    SearchResult,
+    Space,
+    search,
+    too_short_to_tune,
+)
 from adaptrain.tuning.batch_size import accumulation_for, scale_lr
 
 if TYPE_CHECKING:
@@ -203,7 +211,17 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
         # The process's first steps pay one-off costs (thread pools, allocator, kernel selection) that no
         # later trial pays: measured alone, the user's start looked up to 2x slower than it is and lost
         # close calls it should win. One untimed pass first (its time counts in report.seconds).
-        runner.warm_up(dict(original))
+        warm_started = time.perf_counter()
+        warm = runner.warm_up(dict(original))
+        warm_s = time.perf_counter() - warm_started
+        if budget is None and warm.ok:  # the default budget: does this run buy a search at all?
+            expected = space.run_samples / warm.samples_per_s
+            why = too_short_to_tune(share * expected, warm_s * runner.rounds)  # a trial is `rounds` such rounds
+            if why is not None:
+                note = f"not tuned: the expected {expected:.1f} s run is too short, {why}"
+                result = SearchResult(dict(original), dict(original), (), {}, (note,), 0.0, share * expected, None)
+                finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
+                return _report(trainer, result, original, time.perf_counter() - started, expected, finder)
 
         def share_of_run(first_that_ran: Measurement) -> float:
             budget = share * space.run_samples / first_that_ran.samples_per_s
@@ -326,7 +344,13 @@ class AutoTune:
         if report is None:
             trainer.print(f"adaptrain: auto tuning skipped: {why}")
             return False
-        self.report, self.applied = report, True
+        self.report = report
+        if not report.trials:  # too short a run for tuning to pay: the decision is recorded, nothing changes
+            record_adaptation(trainer, "auto", report.original, report.chosen, f"auto: {'; '.join(report.notes)}",
+                              seconds=round(report.seconds, 3), share=report.share, speedup=None, trials=[],
+                              notes=report.notes)
+            return False
+        self.applied = True
         apply_point(trainer, original, report.chosen, report.reasons)
         share = f"{report.share:.1%} of the expected {report.expected_run_s:.0f} s run" if report.share else \
             "share of the run unknown"

@@ -124,12 +124,13 @@ class TrialRunner:
         self.min_seconds = min_seconds
         self.best_rate = 0.0  # the fastest trial so far: a trial under GIVE_UP of it stops after one round
 
-    def warm_up(self, point: dict[str, Any]) -> None:
-        """A short untimed trial at ``point`` (the process's first steps), undone like any other."""
+    def warm_up(self, point: dict[str, Any]) -> Measurement:
+        """A short trial of one round at ``point`` (the process's first steps, which pay one-off costs),
+        undone like any other. Its reading is rough: the caller may use it to size the run, not to rank."""
         rounds, seconds = self.rounds, self.min_seconds
         self.rounds, self.min_seconds = 1, 0.0
         try:
-            self(point)
+            return self(point)
         finally:
             self.rounds, self.min_seconds = rounds, seconds
 
