@@ -8,7 +8,15 @@ import random
 
 import pytest
 
-from adaptrain.tuning.autotune import Measurement, NotTunable, Space, effective_rate, search
+from adaptrain.tuning.autotune import (
+    MIN_TRIALS,
+    Measurement,
+    NotTunable,
+    Space,
+    effective_rate,
+    search,
+    too_short_to_tune,
+)
 from adaptrain.tuning.loader_tuning import LoaderSettings
 
 START = {"precision": "32", "channels_last": False, "batch_size": 32, "micro_batch_size": None, "num_workers": 0,
@@ -256,3 +264,10 @@ def test_effective_rate_spreads_one_off_costs_over_the_run():
 def test_a_negative_budget_is_refused():
     with pytest.raises(ValueError, match="budget"):
         search(START, SimulatedRun(), space(), budget_s=-1)
+
+
+def test_a_budget_must_buy_the_start_and_one_alternative_before_a_search_starts():
+    assert MIN_TRIALS == 2
+    assert too_short_to_tune(budget_s=1.2, trial_s=0.6) is None  # exactly two trials: worth it
+    assert "fewer than 2 trials" in too_short_to_tune(budget_s=1.19, trial_s=0.6)
+    assert too_short_to_tune(budget_s=1.0, trial_s=0.3, trials=4) is not None
