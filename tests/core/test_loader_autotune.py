@@ -21,7 +21,15 @@ from adaptrain import Callback, ConfigError, ModelCheckpoint, Trainer
 from adaptrain.core import loader_autotune
 from adaptrain.core.history import History
 from adaptrain.core.loader_autotune import LoaderAutotune
-from adaptrain.core.loader_trials import StableDataLoader, Timing, TooFewBatches, time_trial, trial_plan
+from adaptrain.core.loader_trials import (
+    MEASURE_PASSES,
+    RepeatedOrder,
+    StableDataLoader,
+    Timing,
+    TooFewBatches,
+    time_trial,
+    trial_plan,
+)
 from adaptrain.tuning.loader_tuning import LoaderSettings, StartingPoint
 from tests.common import data
 
@@ -184,6 +192,15 @@ def test_a_trial_times_real_steps_without_touching_the_run_loader():
     assert timing.data_time > 0 and timing.compute_time > 0 and timing.samples_per_s > 0
     assert trainer.state.global_step == 7  # the warm-up step counts too: the caller restores
     assert torch.equal(loader.generator.get_state(), generator_state)
+
+
+def test_a_trial_that_wants_more_time_than_an_epoch_holds_reads_the_data_set_again_in_order():
+    trainer = make_trainer()
+    loader = shuffled(data.classification(64))  # 8 batches of 8: one epoch is 1 warm-up + 3 rounds of 2
+    timing = time_trial(trainer, loader, LoaderSettings(0), rounds=3, min_seconds=float("inf"))
+    most = (8 * MEASURE_PASSES - 1) // 2  # the rounds MEASURE_PASSES epochs hold (no clock decides this)
+    assert len(timing.rates) == most and timing.batches == 2 * most > 8 and timing.samples == 16 * most
+    assert list(RepeatedOrder(3, passes=2)) == [0, 1, 2, 0, 1, 2]
 
 
 def test_trial_plan_needs_a_warm_up_round_and_one_timed_round():

@@ -25,6 +25,7 @@ own samplers and ``BatchSampler`` do).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import statistics
 import time
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import psutil
 import torch
-from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from adaptrain.data.loaders import LoaderSpec, loader_batch_size, loader_length, shutdown_workers
 from adaptrain.tuning.loader_tuning import LoaderSettings, StartingPoint, initial_loader_settings
@@ -47,6 +48,9 @@ __all__ = ["StableDataLoader", "Timing", "hardware_start", "local_world_size", "
 
 #: Timed rounds one trial may run at most when it extends itself to ``min_seconds``.
 MAX_ROUNDS = 40
+#: Passes over the data set a measurement loader may read: a trial on a small data set can then time
+#: its ``min_seconds`` (one pass of 1024 samples lasted 0.1-0.2 s here, too short to rank close settings).
+MEASURE_PASSES = 8
 #: torch warns when a loader has more workers than cores; the tuner measured that it pays, so the warning misleads.
 _WORKER_WARNING = "This DataLoader will create"
 
@@ -125,14 +129,33 @@ def measure_batch_size(loader: DataLoader) -> int:
     return max(round(len(loader.dataset) / batches), 1) if batches else 1
 
 
-def measurement_loader(loader: DataLoader, settings: LoaderSettings, batch_size: int) -> DataLoader:
-    """The same data set, collate and worker setup as ``loader``, read in order with ``settings``.
+class RepeatedOrder(Sampler[int]):
+    """Indices ``0 .. size - 1`` in order, ``passes`` times over.
 
-    Its sampler is sequential and its generator its own, so reading it draws nothing from the
+    Example:
+        >>> list(RepeatedOrder(3, passes=2)), len(RepeatedOrder(3, passes=2))
+        ([0, 1, 2, 0, 1, 2], 6)
+    """
+
+    def __init__(self, size: int, passes: int = MEASURE_PASSES) -> None:
+        self.size, self.passes = size, passes
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain.from_iterable(range(self.size) for _ in range(self.passes))
+
+    def __len__(self) -> int:
+        return self.size * self.passes
+
+
+def measurement_loader(loader: DataLoader, settings: LoaderSettings, batch_size: int) -> DataLoader:
+    """The same data set, collate and worker setup as ``loader``, read in order with ``settings``
+    (:data:`MEASURE_PASSES` times over, for trials longer than one epoch).
+
+    Its sampler is its own and its generator too, so reading it draws nothing from the
     run's sampler or generator; persistent workers are off (the trial's iterator owns them).
     """
     spec = dataclasses.replace(LoaderSpec.from_loader(loader), batch_size=batch_size, batch_sampler=None,
-                               sampler=SequentialSampler(loader.dataset), generator=torch.Generator().manual_seed(0))
+                               sampler=RepeatedOrder(len(loader.dataset)), generator=torch.Generator().manual_seed(0))
     return spec.build(**{**settings.as_dict(), "persistent_workers": False})
 
 
@@ -204,17 +227,19 @@ def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, r
                batch_size: int | None = None, min_seconds: float = 0.0, give_up_below: float | None = None) -> Timing:
     """Real steps (``trainer.run_step``: the model changes; the caller restores it) on a measurement
     loader with ``settings`` (and ``batch_size``, default the loader's); raises :class:`TooFewBatches`
-    before any work when the epoch is too short. ``min_seconds``: more rounds (as many as the epoch
-    holds, at most :data:`MAX_ROUNDS`) until the timed part lasts that long, so fast steps are not
-    timed over a few milliseconds of a busy machine. ``give_up_below``: stop after the first timed round
-    when its samples/s is already under this (a candidate far slower than the best so far cannot win:
-    timing it longer only spends the budget)."""
+    before any work when the epoch is too short. ``min_seconds``: more rounds (as many as
+    :data:`MEASURE_PASSES` epochs hold, at most :data:`MAX_ROUNDS`) until the timed part lasts that
+    long, so fast steps are not timed over a few milliseconds of a busy machine. ``give_up_below``:
+    stop after the first timed round when its samples/s is already under this (a candidate far
+    slower than the best so far cannot win: timing it longer only spends the budget)."""
     batch_size = batch_size or measure_batch_size(loader)
     batches_per_epoch = loader_length(loader)
     if batches_per_epoch is not None and batch_size != measure_batch_size(loader):
         batches_per_epoch = len(loader.dataset) // batch_size
     warmup, per_round, rounds = trial_plan(settings, batches_per_epoch, rounds)
-    most = MAX_ROUNDS if batches_per_epoch is None else min(MAX_ROUNDS, (batches_per_epoch - warmup) // per_round)
+    # an epoch decides whether the data set can be timed at all; the extra rounds may read further passes
+    most = MAX_ROUNDS if batches_per_epoch is None else \
+        min(MAX_ROUNDS, (batches_per_epoch * MEASURE_PASSES - warmup) // per_round)
     cuda = trainer.device if trainer.device.type == "cuda" else None
     timing = Timing(settings)
     started = time.perf_counter()
