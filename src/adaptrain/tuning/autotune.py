@@ -8,8 +8,10 @@ the stages move its incumbent point one setting at a time:
 
 1. :func:`choose` (precision, channels-last, compile, pin_memory): try each value, keep the one
    whose *effective* samples/s (one-off costs such as compilation spread over the expected run)
-   beats the incumbent by ``min_gain`` and by ``z`` standard errors. Anything slower is dropped,
-   so a precision measured slower at the first batch size is never tried again.
+   beats the incumbent by ``min_gain`` and by ``z`` standard errors. A value far slower
+   (under ``drop_below`` of the incumbent: fp16 on a CPU) is dropped and never tried again; a
+   closer loser is tried again in the next pass, at its other settings (bf16 can lose at batch 32
+   and win at 256).
 2. :func:`batch_stage`: the safe/full batch-size search of :mod:`adaptrain.tuning.batch_size`,
    its probes being trials at the incumbent's other settings.
 3. :func:`loader_stage`: only when the incumbent waits for data (``data_share`` at least

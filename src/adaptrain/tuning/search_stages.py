@@ -43,8 +43,8 @@ def choose(search: Search, name: str, values: Sequence[Any], stage: str | None =
         if trial is None:
             break
         measured[value] = trial
-        if search.beats(incumbent, trial)[0]:  # slower beyond the noise (or failed): no later pass retries it
-            dropped.add(value)
+        if not trial.ok or search.rate(trial) < search.space.drop_below * search.rate(incumbent):
+            dropped.add(value)  # hopeless here (fp16 on a CPU: 0.1x): no later pass retries it
         lines.append(f"{value}: {search.rate(trial):.4g} samples/s" if trial.ok else
                      f"{value}: {trial.error or 'failed'}")
     fastest = max(measured, key=lambda v: search.rate(measured[v]))
