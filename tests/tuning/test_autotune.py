@@ -293,3 +293,16 @@ def test_a_budget_must_buy_the_start_and_one_alternative_before_a_search_starts(
     assert too_short_to_tune(budget_s=1.2, trial_s=0.6) is None  # exactly two trials: worth it
     assert "fewer than 2 trials" in too_short_to_tune(budget_s=1.19, trial_s=0.6)
     assert too_short_to_tune(budget_s=1.0, trial_s=0.3, trials=4) is not None
+
+
+def test_a_data_bound_start_sweeps_the_loader_before_precision_so_a_small_budget_buys_workers():
+    run = SimulatedRun(per_worker=1500.0, main_process=300.0, batch_knee=32)
+    result = search(START, run, space(), budget_s=4)  # the start and three more 1-second trials
+    assert run.calls[1]["num_workers"] > 0  # the first trial after the start feeds the device
+    assert result.chosen["num_workers"] >= 2
+
+
+def test_a_compute_bound_start_keeps_precision_first_and_never_sweeps_workers():
+    run = SimulatedRun()
+    search(START, run, space(), budget_s=60)
+    assert run.calls[1]["precision"] != "32" and all(call["num_workers"] == 0 for call in run.calls)

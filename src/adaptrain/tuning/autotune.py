@@ -16,7 +16,8 @@ the stages move its incumbent point one setting at a time:
    its probes being trials at the incumbent's other settings.
 3. :func:`loader_stage`: only when the incumbent waits for data (``data_share`` at least
    ``data_bound_share``: with a compute-bound run more workers cannot pay, so they are not swept),
-   :class:`~adaptrain.tuning.loader_tuning.LoaderTuner` drives worker and prefetch trials.
+   :class:`~adaptrain.tuning.loader_tuning.LoaderTuner` drives worker and prefetch trials. A pass
+   that starts waiting for data runs it first: precision and layout trials measure nothing there.
 4. :func:`rescue_stage`: when the start itself runs out of memory, the largest micro-batch that fits
    (micro-batching never changes the optimisation).
 
@@ -124,11 +125,15 @@ def search(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measureme
     state = _started(start, trial, space, budget_s)
     for _ in range(space.max_passes):
         changed = False
+        waits = _waits_for_data(state)
+        if waits:  # feed the device first: no precision or layout gain can show while the run waits for data
+            changed |= loader_stage(state)
         if len(space.precisions) > 1:
             changed |= choose(state, "precision", space.precisions)
         if space.channels_last:
             changed |= choose(state, "channels_last", (False, True))
-        changed |= loader_stage(state)
+        if not waits:
+            changed |= loader_stage(state)
         before_batch = len(state.records)
         changed |= batch_stage(state)
         waited = data_bound_batch(state, before_batch)
@@ -151,6 +156,12 @@ def search(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measureme
     return SearchResult(dict(state.start), dict(state.point), tuple(state.records), dict(state.reasons),
                         tuple(state.notes), state.spent, state.budget_s, speedup, confirmed, start_measurement,
                         chosen_measurement)
+
+
+def _waits_for_data(search: Search) -> bool:
+    """Whether the incumbent's last measurement waited for data at least ``data_bound_share`` of its time."""
+    current = search.current
+    return current is not None and (current.data_share or 0.0) >= search.space.data_bound_share
 
 
 def _started(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measurement], space: Space,
