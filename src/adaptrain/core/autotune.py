@@ -216,7 +216,9 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
         warm_s = time.perf_counter() - warm_started
         if budget is None and warm.ok:  # the default budget: does this run buy a search at all?
             expected = space.run_samples / warm.samples_per_s
-            why = too_short_to_tune(share * expected, warm_s * runner.rounds)  # a trial is `rounds` such rounds
+            runner.min_seconds = _trial_seconds(runner.min_seconds, share * expected)  # the start's trial too
+            # a trial is `rounds` rounds like the warm-up's, or min_seconds when that is longer
+            why = too_short_to_tune(share * expected, max(warm_s * runner.rounds, runner.min_seconds))
             if why is not None:
                 note = f"not tuned: the expected {expected:.1f} s run is too short, {why}"
                 result = SearchResult(dict(original), dict(original), (), {}, (note,), 0.0, share * expected, None)
@@ -225,8 +227,7 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
 
         def share_of_run(first_that_ran: Measurement) -> float:
             budget = share * space.run_samples / first_that_ran.samples_per_s
-            # ~20 trials' worth: a short run's small budget buys shorter (noisier) trials, not fewer stages
-            runner.min_seconds = min(runner.min_seconds, max(budget / 20, 0.05))
+            runner.min_seconds = _trial_seconds(runner.min_seconds, budget)
             return budget
 
         try:
@@ -239,6 +240,17 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
     finally:
         state.restore(saved)
     return _report(trainer, result, original, time.perf_counter() - started, expected, finder)
+
+
+def _trial_seconds(longest: float, budget_s: float) -> float:
+    """A trial's least timed seconds for a budget: ~20 trials' worth, so a short run's small budget
+    buys shorter (noisier) trials, not fewer stages; never over ``longest``, never under 50 ms.
+
+    Example:
+        >>> _trial_seconds(0.5, budget_s=4.0), _trial_seconds(0.5, budget_s=0.4), _trial_seconds(0.5, budget_s=60)
+        (0.2, 0.05, 0.5)
+    """
+    return min(longest, max(budget_s / 20, 0.05))
 
 
 def _find_lr(trainer: Trainer, loader: DataLoader, chosen: dict[str, Any]) -> Any:
