@@ -203,6 +203,14 @@ def test_a_trial_that_wants_more_time_than_an_epoch_holds_reads_the_data_set_aga
     assert list(RepeatedOrder(3, passes=2)) == [0, 1, 2, 0, 1, 2]
 
 
+def test_a_data_set_whose_last_batch_is_short_times_only_the_batches_its_passes_hold():
+    trainer = make_trainer()
+    loader = DataLoader(data.classification(140), batch_size=16)  # 9 batches a pass, the last of 12 samples
+    timing = time_trial(trainer, loader, LoaderSettings(0), rounds=3, min_seconds=float("inf"))
+    total = -(-140 * MEASURE_PASSES // 16)  # 70 batches in 8 passes read as one stream, not 9 x 8 = 72
+    assert timing.batches == 2 * ((total - 1) // 2)  # no round ran past the end
+
+
 def test_trial_plan_needs_a_warm_up_round_and_one_timed_round():
     assert trial_plan(LoaderSettings(3), batches=20, rounds=3) == (3, 3, 3)
     assert trial_plan(LoaderSettings(3), batches=8, rounds=3) == (3, 3, 1)

@@ -237,15 +237,17 @@ def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, r
     if batches_per_epoch is not None and batch_size != measure_batch_size(loader):
         batches_per_epoch = len(loader.dataset) // batch_size
     warmup, per_round, rounds = trial_plan(settings, batches_per_epoch, rounds)
-    # an epoch decides whether the data set can be timed at all; the extra rounds may read further passes
-    most = MAX_ROUNDS if batches_per_epoch is None else \
-        min(MAX_ROUNDS, (batches_per_epoch * MEASURE_PASSES - warmup) // per_round)
     cuda = trainer.device if trainer.device.type == "cuda" else None
     timing = Timing(settings)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_WORKER_WARNING, category=UserWarning)
-        batches = iter(measurement_loader(loader, settings, batch_size))
+        measure = measurement_loader(loader, settings, batch_size)
+        # an epoch decides whether the data set can be timed at all; extra rounds may read further passes,
+        # as many as the measurement loader itself holds (its last batch of a pass may be short)
+        total = loader_length(measure)
+        most = MAX_ROUNDS if total is None else min(MAX_ROUNDS, (total - warmup) // per_round)
+        batches = iter(measure)
     try:
         for _ in range(warmup):
             trainer.run_step(next(batches))
