@@ -112,7 +112,7 @@ def test_tune_lr_writes_the_finders_suggestion_into_the_optimizer(tmp_path):
     assert "LR finder" in text and "optimizer.init_args.lr" in _tuned_keys(text)
 
 
-def test_trainer_auto_in_yaml_tunes_inline_and_records_it_in_the_run_folder(tmp_path):
+def test_trainer_auto_in_yaml_decides_inline_and_records_it_in_the_run_folder(tmp_path):
     assert main(["fit", "--config", str(EXAMPLE), "trainer.auto=true", "trainer.max_epochs=1", "callbacks=[]",
                  "loggers=[]", f"root_dir={tmp_path}", "trainer.progress=false"]) == 0
     run = next((tmp_path / "digits").iterdir())

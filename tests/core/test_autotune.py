@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adaptrain import Trainer
 from adaptrain.callbacks.checkpointing import ModelCheckpoint
+from adaptrain.core import autotune
 from adaptrain.core.autotune import apply_point, tune
 from adaptrain.core.tune_trials import TrialRunner, current_point
 from adaptrain.errors import ConfigError
@@ -127,9 +128,16 @@ def test_auto_applies_what_it_reports_and_records_it(tmp_path):
         assert any(a["kind"] == key for a in history.adaptations), key  # each change said on its own too
 
 
-def test_auto_budget_is_its_share_of_the_run_measured_by_the_first_configuration_that_ran():
+def always_tune(monkeypatch):
+    """These runs last a fraction of a second: 5% of one buys no trial, on any machine. The rule that
+    skips them has its own tests; here it is lifted so the search itself runs."""
+    monkeypatch.setattr(autotune, "too_short_to_tune", lambda budget_s, trial_s: None)
+
+
+def test_auto_budget_is_its_share_of_the_run_measured_by_the_first_configuration_that_ran(monkeypatch):
+    always_tune(monkeypatch)
     trainer = _trainer(auto=True, max_epochs=3)
-    trainer.autotune.share = 5.0  # these runs last a fraction of a second: 5% of one buys no trial
+    trainer.autotune.share = 5.0
     trainer.fit(_loader())
     report = trainer.autotune.report
     assert report.trials and report.budget_s == pytest.approx(5.0 * report.expected_run_s)
@@ -150,6 +158,9 @@ def test_auto_does_not_tune_a_run_whose_budget_buys_fewer_than_two_trials(capsys
     assert trainer.batch_size == 32 and trainer.precision.name == "32"
     for a, b in zip(trainer.model.state_dict().values(), plain.model.state_dict().values()):
         assert torch.equal(a, b)  # the warm-up was undone: the run is the one without auto
+    trainer.state.max_epochs = 3
+    trainer.fit(_loader())  # fit again: a decision not to tune is no choice to re-apply
+    assert trainer.autotune.applied is False and trainer.batch_size == 32
 
 
 def test_tune_with_the_default_budget_on_a_short_run_reports_why_it_did_not_search():
@@ -296,12 +307,13 @@ def test_a_configured_micro_batch_is_the_start_of_the_search():
     assert all(t["point"]["micro_batch_size"] == 4 for t in report.trials)
 
 
-def test_auto_keeps_the_batch_when_a_per_step_scheduler_cannot_follow_it(capsys):
+def test_auto_keeps_the_batch_when_a_per_step_scheduler_cannot_follow_it(capsys, monkeypatch):
+    always_tune(monkeypatch)
     trainer = _trainer(auto=True)
     trainer._schedule.spec["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.state.optimizer, 100)
     trainer._schedule.spec["interval"] = "step"
     trainer.fit(_loader())
-    assert trainer.batch_size == 32
+    assert trainer.batch_size == 32 and trainer.autotune.report.trials
     assert all(t["point"]["batch_size"] == 32 for t in trainer.autotune.report.trials)
     assert "auto keeps the batch size" in capsys.readouterr().out
 

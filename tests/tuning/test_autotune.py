@@ -165,8 +165,8 @@ def test_a_precision_far_slower_at_the_first_batch_size_is_not_tried_again():
 
 
 class PrecisionPaysAtLargeBatches(SimulatedRun):
-    """bf16's per-op autocast cost dominates small batches: 0.84x fp32 at 32, 1.2x at 128, 1.6x at 256
-    (the shape measured by benchmarks/tune.py on this CPU)."""
+    """bf16's per-op autocast cost dominates small batches: 0.8x fp32 at 32, 1.14x at 128, 1.6x at 256
+    (the shape measured by benchmarks/tune.py on this CPU: 0.84x, 1.15x, 1.6x)."""
 
     def compute_rate(self, point):
         rate = super().compute_rate({**point, "precision": "32"})

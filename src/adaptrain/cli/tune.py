@@ -57,7 +57,8 @@ def add_tune_parser(verbs: Any, parents: Sequence[argparse.ArgumentParser], epil
     sub = verbs.add_parser("tune", parents=list(parents), epilog=epilog,
                            help="measure short trials and write tuned.yaml with the fastest configuration")
     sub.add_argument("--budget", type=_seconds, metavar="SECONDS",
-                     help="seconds of trials (default: 5%% of the expected run, estimated from the first trial)")
+                     help="seconds of trials (default: 5%% of the expected run, estimated from the first trial; "
+                          "a run too short for that to buy two trials is not tuned)")
     sub.add_argument("--output", metavar="FILE", help="where to write the tuned config (default: tuned.yaml)")
     sub.add_argument("--keep-batch-size", action="store_true",
                      help="change nothing that alters the optimisation (batch size, hence the LR)")

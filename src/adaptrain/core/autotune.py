@@ -214,28 +214,31 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
         warm_started = time.perf_counter()
         warm = runner.warm_up(dict(original))
         warm_s = time.perf_counter() - warm_started
+        result = None
         if budget is None and warm.ok:  # the default budget: does this run buy a search at all?
             expected = space.run_samples / warm.samples_per_s
             runner.min_seconds = _trial_seconds(runner.min_seconds, share * expected)  # the start's trial too
-            # a trial is `rounds` rounds like the warm-up's, or min_seconds when that is longer
-            why = too_short_to_tune(share * expected, max(warm_s * runner.rounds, runner.min_seconds))
+            # a trial: the warm-up's fixed part (loader, warm-up batches, restore) once, then `rounds`
+            # timed rounds like the warm-up's one, or min_seconds when that is longer
+            timed = (warm.data_time or 0.0) + (warm.compute_time or 0.0)
+            trial_s = max(warm_s - timed, 0.0) + max(timed * runner.rounds, runner.min_seconds)
+            why = too_short_to_tune(share * expected, trial_s)
             if why is not None:
                 note = f"not tuned: the expected {expected:.1f} s run is too short, {why}"
                 result = SearchResult(dict(original), dict(original), (), {}, (note,), 0.0, share * expected, None)
-                finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
-                return _report(trainer, result, original, time.perf_counter() - started, expected, finder)
 
         def share_of_run(first_that_ran: Measurement) -> float:
             budget = share * space.run_samples / first_that_ran.samples_per_s
             runner.min_seconds = _trial_seconds(runner.min_seconds, budget)
             return budget
 
-        try:
-            result = search(original, runner, space, budget if budget is not None else share_of_run)
-        except NotTunable as error:
-            raise NotTunableError("tune(train_loader=...)", f"cannot be tuned: {error}.") from error
-        ran = next((r.measurement for r in result.trials if r.measurement.ok), None)
-        expected = space.run_samples / ran.samples_per_s if ran is not None else None
+        if result is None:
+            try:
+                result = search(original, runner, space, budget if budget is not None else share_of_run)
+            except NotTunable as error:
+                raise NotTunableError("tune(train_loader=...)", f"cannot be tuned: {error}.") from error
+            ran = next((r.measurement for r in result.trials if r.measurement.ok), None)
+            expected = space.run_samples / ran.samples_per_s if ran is not None else None
         finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
     finally:
         state.restore(saved)
@@ -391,7 +394,7 @@ class AutoTune:
         adaptations = resumed["history"].get("adaptations", ()) if resumed is not None else \
             trainer.state.history.adaptations
         entry = next((a for a in reversed(adaptations) if a.get("kind") == "auto"), None)
-        if entry is None:  # auto was skipped in this run
+        if entry is None or not entry.get("trials"):  # auto was skipped, or did not tune (too short a run)
             return False
         recorded = {k: v for k, v in entry["after"].items() if k in original}
         apply_point(trainer, original, {**original, **recorded}, record=False, rescale=resumed is not None)

@@ -351,7 +351,7 @@ def agree_across_ranks(size: int) -> int:
 def adapted_params(trainer: Trainer) -> dict[str, Any]:
     """What the adaptations decided, as run parameters for the loggers ({} when nothing adapted)."""
     state = trainer.state
-    if not state.history.adaptations:
+    if all(a["before"] == a["after"] for a in state.history.adaptations):  # a decision to change nothing
         return {}
     return {"adapted.batch_size": state.batch_size, "adapted.micro_batch_size": state.micro_batch_size,
             "adapted.accumulate_grad_batches": state.accumulate_grad_batches, "adapted.lr": state.lr}

@@ -258,7 +258,8 @@ class Trainer(TrainingLoop):
         """Measure short real trials over this run's configuration and report the fastest; the trainer
         comes out exactly as it went in (``Trainer(auto=True)`` applies the choice instead).
 
-        ``budget``: seconds of trials (default: 5% of the expected run, estimated from the first trial).
+        ``budget``: seconds of trials (default: 5% of the expected run, estimated from the first trial;
+        a run too short for that to buy two trials is not tuned, and the report says why).
         ``keep_batch_size``: change nothing that alters the optimisation (the batch size, hence the LR).
         ``lr``: also run :meth:`lr_find` at the chosen configuration (``report.chosen["lr"]``).
 

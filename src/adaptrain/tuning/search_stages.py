@@ -1,7 +1,8 @@
 """The stages of the tune search: each moves the incumbent point of a :class:`~adaptrain.tuning.search_space.Search`.
 
 * :func:`choose`: try each value of one setting, keep the fastest by the margin (the user's value wins
-  close calls; values measured slower are dropped for later passes).
+  close calls; a value far slower, under ``Space.drop_below`` of the incumbent, or failing, is dropped
+  for later passes; a closer loser is tried again).
 * :func:`batch_stage`: the safe/full batch-size search of :mod:`adaptrain.tuning.batch_size`.
 * :func:`loader_stage`: workers and prefetch through :class:`~adaptrain.tuning.loader_tuning.LoaderTuner`,
   only when the run waits for data.
