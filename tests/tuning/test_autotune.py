@@ -225,7 +225,8 @@ def test_a_budget_given_as_a_share_of_the_run_is_set_from_the_first_configuratio
         return 5.0
 
     result = search(START, run, space(batch_mode=None), budget_s=budget)
-    assert len(seen) == 1 and seen[0].ok and result.budget_s == 5.0
+    # set from the rescue's measurement (the first that ran), then asked again by each later one
+    assert seen[0].ok and len(seen) == sum(r.measurement.ok for r in result.trials) and result.budget_s == 5.0
     assert result.spent <= 5.0 + 3  # the 3 trials the rescue needed are paid whatever the budget
 
 
@@ -306,3 +307,16 @@ def test_a_compute_bound_start_keeps_precision_first_and_never_sweeps_workers():
     run = SimulatedRun()
     search(START, run, space(), budget_s=60)
     assert run.calls[1]["precision"] != "32" and all(call["num_workers"] == 0 for call in run.calls)
+
+
+def test_a_budget_given_as_a_share_of_the_run_shrinks_with_each_faster_configuration():
+    run = SimulatedRun()  # bf16 1.4x and larger batches pay: the run as tuned is much shorter than as given
+    def budget_for(measured):
+        return 0.05 * 1e6 / measured.samples_per_s  # 5% of a 1e6-sample run at that speed
+
+    result = search(START, run, space(), budget_s=budget_for)
+    start_budget = budget_for(run(START))
+    fastest = max(r.measurement.samples_per_s for r in result.trials if r.measurement.ok)
+    assert result.budget_s == pytest.approx(budget_for(Measurement(fastest, 1.0)))
+    assert result.budget_s < start_budget / 2
+    assert result.spent <= result.budget_s + max(r.measurement.seconds for r in result.trials)  # one trial over, at most

@@ -13,9 +13,10 @@ root rule; ``keep_batch_size`` forbids it), a micro-batch when the batch does no
 workers and prefetch (only when the run waits for data), ``pin_memory`` on CUDA, and ``torch.compile``
 (its compilation time counted against the expected run).
 
-Budget: by default 5% of the expected run, estimated from the first trial (the run's samples over its
-measured samples/s). A run too short for that budget to buy two trials (sized by the warm-up's one
-round) is not tuned at all: it pays the warm-up only, and the report says why.
+Budget: by default 5% of the expected run, warm-up included: the run's samples over the first trial's
+samples/s, and each faster trial shrinks it to 5% of the shorter run it promises, so the tuning stays
+within its share of the run as tuned. A run too short for that budget to buy two trials (sized by the
+warm-up's one round) is not tuned at all: it pays the warm-up only, and the report says why.
 """
 
 from __future__ import annotations
@@ -222,13 +223,14 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
             # timed rounds like the warm-up's one, or min_seconds when that is longer
             timed = (warm.data_time or 0.0) + (warm.compute_time or 0.0)
             trial_s = max(warm_s - timed, 0.0) + max(timed * runner.rounds, runner.min_seconds)
-            why = too_short_to_tune(share * expected, trial_s)
+            why = too_short_to_tune(share * expected - warm_s, trial_s)
             if why is not None:
                 note = f"not tuned: the expected {expected:.1f} s run is too short, {why}"
                 result = SearchResult(dict(original), dict(original), (), {}, (note,), 0.0, share * expected, None)
 
-        def share_of_run(first_that_ran: Measurement) -> float:
-            budget = share * space.run_samples / first_that_ran.samples_per_s
+        def share_of_run(measured: Measurement) -> float:
+            """The share of the run at ``measured``'s speed (its one-off cost included), less the warm-up."""
+            budget = max(share * (measured.setup_seconds + space.run_samples / measured.samples_per_s) - warm_s, 0.0)
             runner.min_seconds = _trial_seconds(runner.min_seconds, budget)
             return budget
 
@@ -242,7 +244,9 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
         finder = _find_lr(trainer, train_loader, result.chosen) if lr else None
     finally:
         state.restore(saved)
-    return _report(trainer, result, original, time.perf_counter() - started, expected, finder)
+    report = _report(trainer, result, original, time.perf_counter() - started, expected, finder)
+    report.extra["warm_up_s"] = round(warm_s, 4)
+    return report
 
 
 def _trial_seconds(longest: float, budget_s: float) -> float:

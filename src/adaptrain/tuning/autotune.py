@@ -118,8 +118,10 @@ def search(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measureme
            budget_s: float | Callable[[Measurement], float]) -> SearchResult:
     """Coordinate descent over the space from ``start`` within ``budget_s`` seconds of trials (see the module doc).
 
-    ``budget_s`` may be a function of the first measurement that ran (the start, or the micro-batch
-    that rescued it): the trainer's budget is a share of the run, whose length that measurement tells.
+    ``budget_s`` may be a function of a measurement: the trainer's budget is a share of the run, whose
+    length the first measurement that ran (the start, or the micro-batch that rescued it) tells; each
+    faster measurement then shrinks it to its share of the shorter run it promises, so the tuning
+    stays within its share of the run as tuned, not only of the run as given.
     Raises :class:`NotTunable` when the start fails for another reason than memory, or no micro-batch fits.
     """
     state = _started(start, trial, space, budget_s)
@@ -178,6 +180,7 @@ def _started(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measure
                              "micro-batch down to 1 sample")
     if budget_for is not None:
         state.budget_s = float(budget_for(state.current))
+        state.budget_for = budget_for
     return state
 
 

@@ -139,6 +139,9 @@ class Search:
             raise ValueError(f"budget is {budget_s!r}; expected seconds >= 0.")
         self.start, self.point = dict(start), dict(start)
         self.trial, self.space, self.budget_s = trial, space, float(budget_s)
+        # budget_s as a function of a measurement (a share of the run at that speed): each faster
+        # configuration measured shrinks the budget to its share of the shorter run it promises
+        self.budget_for: Callable[[Measurement], float] | None = None
         self.spent = 0.0
         self.records: list[TrialRecord] = []
         self.notes: list[str] = []  # stages skipped and why
@@ -170,6 +173,8 @@ class Search:
             return None
         measured = self.trial(dict(point))
         self.spent += measured.seconds
+        if self.budget_for is not None and measured.ok:
+            self.budget_s = min(self.budget_s, float(self.budget_for(measured)))
         self.records.append(TrialRecord(stage, dict(point), measured))
         if key not in self._cache or not fresh:
             self._cache[key] = measured
