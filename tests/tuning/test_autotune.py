@@ -320,3 +320,31 @@ def test_a_budget_given_as_a_share_of_the_run_shrinks_with_each_faster_configura
     assert result.budget_s == pytest.approx(budget_for(Measurement(fastest, 1.0)))
     assert result.budget_s < start_budget / 2
     assert result.spent <= result.budget_s + max(r.measurement.seconds for r in result.trials)  # one trial over, at most
+
+
+class PrecisionPaysOnlyAtTheLargestBatch(SimulatedRun):
+    """The shape benchmarks/tune.py measured on this CPU: fp32 peaks near batch 112 and slows above it;
+    bf16 loses at 32 (0.84x), is level at 64-128 (+2%, under the margin) and 1.6x fp32 at 256."""
+
+    def compute_rate(self, point):
+        batch = point["batch_size"]
+        rate = super().compute_rate({**point, "precision": "32"}) * (0.8 if batch > 128 else 1.0)
+        if point["precision"] == "bf16-mixed":
+            rate *= 0.84 if batch <= 32 else 1.02 if batch <= 128 else 1.6 / 0.8
+        elif point["precision"] == "16-mixed":
+            rate *= 0.08
+        return rate
+
+
+def test_a_precision_whose_gain_shows_only_at_the_largest_batch_that_fits_is_found_with_it():
+    run = PrecisionPaysOnlyAtTheLargestBatch(batch_knee=64)
+    result = search(START, run, space(max_batch_size=256), budget_s=120)
+    assert result.chosen["precision"] == "bf16-mixed" and result.chosen["batch_size"] == 256
+    assert chosen_rate(run, result) >= 0.95 * grid_best(run, space(max_batch_size=256))
+    assert "its gain grows with the batch" in result.reasons["precision"]
+
+
+def test_keep_batch_size_never_looks_ahead_at_a_larger_batch():
+    run = PrecisionPaysOnlyAtTheLargestBatch(batch_knee=64)
+    result = search(START, run, space(batch_mode=None, max_batch_size=256), budget_s=120)
+    assert all(call["batch_size"] == 32 for call in run.calls) and result.chosen["precision"] == "32"

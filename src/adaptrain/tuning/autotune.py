@@ -13,7 +13,9 @@ the stages move its incumbent point one setting at a time:
    closer loser is tried again in the next pass, at its other settings (bf16 can lose at batch 32
    and win at 256).
 2. :func:`batch_stage`: the safe/full batch-size search of :mod:`adaptrain.tuning.batch_size`,
-   its probes being trials at the incumbent's other settings.
+   its probes being trials at the incumbent's other settings; then
+   :func:`~adaptrain.tuning.search_stages.precision_at_largest_batch` tries each other precision at
+   the largest batch that fitted (a mixed precision's gain can grow with the batch).
 3. :func:`loader_stage`: only when the incumbent waits for data (``data_share`` at least
    ``data_bound_share``: with a compute-bound run more workers cannot pay, so they are not swept),
    :class:`~adaptrain.tuning.loader_tuning.LoaderTuner` drives worker and prefetch trials. A pass
@@ -54,7 +56,14 @@ from adaptrain.tuning.search_space import (
     effective_rate,
     point_key,
 )
-from adaptrain.tuning.search_stages import batch_stage, choose, data_bound_batch, loader_stage, rescue_stage
+from adaptrain.tuning.search_stages import (
+    batch_stage,
+    choose,
+    data_bound_batch,
+    loader_stage,
+    precision_at_largest_batch,
+    rescue_stage,
+)
 
 __all__ = ["Measurement", "TrialRecord", "Space", "Search", "SearchResult", "NotTunable", "search", "choose",
            "batch_stage", "loader_stage", "rescue_stage", "effective_rate", "OPTIMISATION_KEYS", "point_key",
@@ -138,6 +147,7 @@ def search(start: Mapping[str, Any], trial: Callable[[dict[str, Any]], Measureme
             changed |= loader_stage(state)
         before_batch = len(state.records)
         changed |= batch_stage(state)
+        changed |= precision_at_largest_batch(state, before_batch)
         waited = data_bound_batch(state, before_batch)
         if waited is not None:  # the batch search stopped where the loader ran out: feed it, then search again
             changed |= loader_stage(state, batch_size=waited)

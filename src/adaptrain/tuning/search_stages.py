@@ -21,7 +21,7 @@ from adaptrain.tuning.batch_size import Probe, search_batch_size
 from adaptrain.tuning.loader_tuning import LoaderSettings, LoaderTuner
 from adaptrain.tuning.search_space import LOADER_KEYS, Measurement, Search
 
-__all__ = ["choose", "batch_stage", "loader_stage", "rescue_stage", "data_bound_batch"]
+__all__ = ["choose", "batch_stage", "loader_stage", "rescue_stage", "data_bound_batch", "precision_at_largest_batch"]
 
 
 def choose(search: Search, name: str, values: Sequence[Any], stage: str | None = None,
@@ -152,6 +152,43 @@ def data_bound_batch(search: Search, since: int) -> int | None:
               >= search.space.data_bound_share and {k: r.point.get(k) for k in LOADER_KEYS} == loader_now]
     largest = max(waited, default=None)
     return largest if largest is not None and largest != search.point.get("batch_size") else None
+
+
+def precision_at_largest_batch(search: Search, since: int) -> bool:
+    """Each other precision still in play at the largest batch the batch search ran (trials ``since``
+    on) that fitted; adopt the pair when it beats the incumbent by the margin.
+
+    A precision's gain can grow with the batch while the incumbent's does not (bf16 on this CPU:
+    0.84x fp32 at batch 32, +2.5% at 112, 1.6x at 256), so neither one setting at a time nor the batch
+    search at the incumbent's precision sees the best pair. One trial per precision checks it.
+    """
+    if search.space.batch_mode is None or len(search.space.precisions) < 2:
+        return False
+    incumbent, precision_now = search.current, search.point.get("precision")
+    fitted = [r.point["batch_size"] for r in search.records[since:]
+              if r.stage == "batch_size" and r.measurement.ok and r.point.get("precision") == precision_now
+              and (r.measurement.peak_fraction or 0.0) <= search.space.memory_fraction]
+    largest = max(fitted, default=None)
+    if incumbent is None or not incumbent.ok or largest is None or largest <= search.point.get("batch_size", 0):
+        return False
+    dropped = search.dropped.get("precision", set())
+    best, best_point = incumbent, None
+    for precision in search.space.precisions:
+        if precision == precision_now or precision in dropped:
+            continue
+        point = {**search.point, "precision": precision, "batch_size": largest}
+        measured = search.measure(point, "precision")
+        if measured is None:
+            break
+        if measured.ok and search.beats(measured, best)[0]:
+            best, best_point = measured, point
+    if best_point is None:
+        return False
+    search.adopt({"precision": best_point["precision"], "batch_size": largest},
+                 f"precision {precision_now} -> {best_point['precision']} at batch {largest}, the "
+                 f"largest that fitted: {search.rate(best):.4g} vs {search.rate(incumbent):.4g} samples/s "
+                 f"({search.rate(best) / search.rate(incumbent):.2f}x; its gain grows with the batch)")
+    return True
 
 
 def rescue_stage(search: Search) -> bool:
