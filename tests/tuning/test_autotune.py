@@ -348,3 +348,19 @@ def test_keep_batch_size_never_looks_ahead_at_a_larger_batch():
     run = PrecisionPaysOnlyAtTheLargestBatch(batch_knee=64)
     result = search(START, run, space(batch_mode=None, max_batch_size=256), budget_s=120)
     assert all(call["batch_size"] == 32 for call in run.calls) and result.chosen["precision"] == "32"
+
+
+def test_a_batch_search_cut_short_by_the_budget_keeps_the_fastest_batch_it_measured():
+    measured_rates = {32: 5696.0, 64: 7652.0, 128: 9966.0, 256: 9051.0}  # benchmarks/tune.py, compute-bound
+
+    def trial(point):
+        batch = point["batch_size"]
+        below = max(b for b in measured_rates if b <= batch)
+        above = min((b for b in measured_rates if b >= batch), default=below)
+        share = 0.0 if above == below else (batch - below) / (above - below)
+        rate = measured_rates[below] + share * (measured_rates[above] - measured_rates[below])
+        return Measurement(rate, 1.0, peak_fraction=batch / 4096, data_share=0.0)
+
+    result = search(START, trial, space(precisions=("32",), max_batch_size=256), budget_s=6)  # start + 5 probes
+    assert any("batch_size: stopped" in note for note in result.notes)  # the budget did cut the search
+    assert result.chosen["batch_size"] == 128 and "cut short by the budget" in result.reasons["batch_size"]

@@ -64,14 +64,24 @@ def choose(search: Search, name: str, values: Sequence[Any], stage: str | None =
     return True
 
 
+class _BudgetSpent(Exception):
+    """A batch probe the budget cannot pay for: the search ends there (it is no failure to fit)."""
+
+
 def batch_stage(search: Search) -> bool:
-    """The safe/full batch-size search with trials as its probes. Returns whether the batch changed."""
+    """The safe/full batch-size search with trials as its probes. Returns whether the batch changed.
+
+    When the budget ends the search early, the fastest batch measured so far is kept if it beats the
+    incumbent by the margin: an unmeasured probe says nothing about memory, so it must not count as
+    a size that does not fit (it did, and threw away a 1.75x batch already measured)."""
     space = search.space
     start = search.point.get("batch_size")
     if space.batch_mode is None or not start:
         return False
-    if search.measure(search.point, "batch_size") is None:
+    incumbent = search.measure(search.point, "batch_size")
+    if incumbent is None:
         return False
+    probed: dict[int, Measurement] = {}
 
     def probe(size: int) -> Probe:
         point = {**search.point, "batch_size": size}
@@ -79,16 +89,34 @@ def batch_stage(search: Search) -> bool:
             point["micro_batch_size"] = None
         measured = search.measure(point, "batch_size")
         if measured is None:
-            return Probe(size, False, error="not measured: the tuning budget is spent")
+            raise _BudgetSpent
+        probed[size] = measured
         return Probe(size, measured.ok, measured.samples_per_s, measured.peak_fraction, measured.error,
                      measured.spread)
 
-    found = search_batch_size(space.batch_mode, start, probe, space.max_batch_size,
-                              max_trials=space.max_batch_trials, memory_fraction=space.memory_fraction,
-                              min_gain=space.min_gain)
+    try:
+        found = search_batch_size(space.batch_mode, start, probe, space.max_batch_size,
+                                  max_trials=space.max_batch_trials, memory_fraction=space.memory_fraction,
+                                  min_gain=space.min_gain)
+    except _BudgetSpent:
+        return _fastest_batch_so_far(search, incumbent, probed)
     if found.chosen == start:
         return False
     search.adopt({"batch_size": found.chosen}, found.reason)
+    return True
+
+
+def _fastest_batch_so_far(search: Search, incumbent: Measurement, probed: Mapping[int, Measurement]) -> bool:
+    fits = {size: m for size, m in probed.items()
+            if m.ok and (m.peak_fraction or 0.0) <= search.space.memory_fraction}
+    if not fits:
+        return False
+    size = max(fits, key=lambda s: search.rate(fits[s]))
+    if size == search.point.get("batch_size") or not search.beats(fits[size], incumbent)[0]:
+        return False
+    search.adopt({"batch_size": size}, f"batch size {search.point.get('batch_size')} -> {size} "
+                 f"({search.space.batch_mode}, cut short by the budget): the fastest of {len(fits)} measured, "
+                 f"{search.rate(fits[size]):.4g} vs {search.rate(incumbent):.4g} samples/s")
     return True
 
 
