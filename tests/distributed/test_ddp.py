@@ -49,7 +49,7 @@ def compare(a: Path, b: Path, atol: float = 1e-6) -> None:
 
 
 def ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, f"stdout: {result.stdout[-1500:]}\nstderr: {result.stderr[-3000:]}"
     assert result.stdout.count("done") == 2  # both ranks finished
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from adaptrain import Callback, CSVLogger, ModelCheckpoint, Trainer
+from adaptrain.distributed.env import end_process_group
 
 N_TRAIN = 44  # 22 per rank: batches of 3 end with a short one
 
@@ -132,3 +134,12 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # Known issue, not understood yet: on this 2-core machine a rank sometimes aborted in torch's
+    # teardown at interpreter exit ("terminate called without an active exception", SIGABRT), after
+    # its work was done and written (1 of 2 clean `make test` runs, 2 of 9 runs under extra load).
+    # What these tests check is the run's result, so a rank that finished ends here, its group ended
+    # and its output flushed; a rank that raised or was signalled still exits through Python.
+    end_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -6,6 +6,7 @@ the environment variables are what there is.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -76,7 +77,16 @@ def ensure_process_group(device: torch.device | None = None) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    # The group adaptrain started is ended before the interpreter tears down, as the CLI does (NCCL
+    # warns about a group never destroyed).
+    atexit.register(end_process_group)
     return True
+
+
+def end_process_group() -> None:
+    """Destroy the default process group if it is still up (a local call: no collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast_object(value: object, src: int = 0) -> object:
