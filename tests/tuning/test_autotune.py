@@ -164,21 +164,28 @@ def test_a_precision_far_slower_at_the_first_batch_size_is_not_tried_again():
     assert len(tried_16) == 1 and run.calls[tried_16[0]]["batch_size"] == 32
 
 
-class PrecisionPaysAtLargeBatches(SimulatedRun):
-    """bf16's per-op autocast cost dominates small batches: 0.8x fp32 at 32, 1.14x at 128, 1.6x at 256
-    (the shape measured by benchmarks/tune.py on this CPU: 0.84x, 1.15x, 1.6x)."""
+class PrecisionByBatch(SimulatedRun):
+    """A run whose precisions' speed depends on the batch: ``bf16(batch)`` is bf16's factor over fp32,
+    ``fp32(batch)`` fp32's own factor (1: the simulated run's batch curve as it is); fp16 0.08x."""
+
+    def __init__(self, bf16, fp32=lambda batch: 1.0, **options):
+        super().__init__(**options)
+        self.bf16, self.fp32 = bf16, fp32
 
     def compute_rate(self, point):
-        rate = super().compute_rate({**point, "precision": "32"})
-        if point["precision"] == "bf16-mixed":
-            rate *= min(0.68 + point["batch_size"] / 256 * 0.92, 1.6)
-        elif point["precision"] == "16-mixed":
-            rate *= 0.08
-        return rate
+        batch = point["batch_size"]
+        rate = super().compute_rate({**point, "precision": "32"}) * self.fp32(batch)
+        return rate * {"32": 1.0, "bf16-mixed": self.bf16(batch), "16-mixed": 0.08}[point["precision"]]
+
+
+def precision_pays_at_large_batches(**options):
+    """bf16's per-op autocast cost dominates small batches: 0.8x fp32 at 32, 1.14x at 128, 1.6x at 256
+    (the shape measured by benchmarks/tune.py on this CPU: 0.84x, 1.15x, 1.6x)."""
+    return PrecisionByBatch(lambda batch: min(0.68 + batch / 256 * 0.92, 1.6), **options)
 
 
 def test_a_precision_slower_only_at_the_first_batch_size_is_tried_again_at_the_next_batch():
-    run = PrecisionPaysAtLargeBatches(batch_knee=64)
+    run = precision_pays_at_large_batches(batch_knee=64)
     result = search(START, run, space(max_batch_size=256), budget_s=120)
     assert run.true_rate({**START, "precision": "bf16-mixed"}) < run.true_rate(START)  # slower where it starts
     assert result.chosen["precision"] == "bf16-mixed" and result.chosen["batch_size"] >= 128
@@ -322,22 +329,15 @@ def test_a_budget_given_as_a_share_of_the_run_shrinks_with_each_faster_configura
     assert result.spent <= result.budget_s + max(r.measurement.seconds for r in result.trials)  # one trial over, at most
 
 
-class PrecisionPaysOnlyAtTheLargestBatch(SimulatedRun):
+def precision_pays_only_at_the_largest_batch(**options):
     """The shape benchmarks/tune.py measured on this CPU: fp32 peaks near batch 112 and slows above it;
     bf16 loses at 32 (0.84x), is level at 64-128 (+2%, under the margin) and 1.6x fp32 at 256."""
-
-    def compute_rate(self, point):
-        batch = point["batch_size"]
-        rate = super().compute_rate({**point, "precision": "32"}) * (0.8 if batch > 128 else 1.0)
-        if point["precision"] == "bf16-mixed":
-            rate *= 0.84 if batch <= 32 else 1.02 if batch <= 128 else 1.6 / 0.8
-        elif point["precision"] == "16-mixed":
-            rate *= 0.08
-        return rate
+    return PrecisionByBatch(lambda batch: 0.84 if batch <= 32 else 1.02 if batch <= 128 else 1.6 / 0.8,
+                            fp32=lambda batch: 0.8 if batch > 128 else 1.0, **options)
 
 
 def test_a_precision_whose_gain_shows_only_at_the_largest_batch_that_fits_is_found_with_it():
-    run = PrecisionPaysOnlyAtTheLargestBatch(batch_knee=64)
+    run = precision_pays_only_at_the_largest_batch(batch_knee=64)
     result = search(START, run, space(max_batch_size=256), budget_s=120)
     assert result.chosen["precision"] == "bf16-mixed" and result.chosen["batch_size"] == 256
     assert chosen_rate(run, result) >= 0.95 * grid_best(run, space(max_batch_size=256))
@@ -345,7 +345,7 @@ def test_a_precision_whose_gain_shows_only_at_the_largest_batch_that_fits_is_fou
 
 
 def test_keep_batch_size_never_looks_ahead_at_a_larger_batch():
-    run = PrecisionPaysOnlyAtTheLargestBatch(batch_knee=64)
+    run = precision_pays_only_at_the_largest_batch(batch_knee=64)
     result = search(START, run, space(batch_mode=None, max_batch_size=256), budget_s=120)
     assert all(call["batch_size"] == 32 for call in run.calls) and result.chosen["precision"] == "32"
 

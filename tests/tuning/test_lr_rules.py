@@ -57,7 +57,12 @@ def test_smoothing_is_bias_corrected_and_causal():
     assert smooth([5.0] * 20, 0.98) == pytest.approx([5.0] * 20)  # no pull towards the 0 it starts from
     values = smooth([1.0] * 10 + [3.0] * 10, 0.9)
     assert values[:10] == pytest.approx([1.0] * 10)  # causal: the jump does not show before it happens
-    assert 1.0 < values[10] < values[-1] < 3.0  # and lags behind it after
+    reference, avg = [], 0.0  # the rule written out: EMA, then Adam's bias correction
+    for i, loss in enumerate([1.0] * 10 + [3.0] * 10):
+        avg = 0.9 * avg + 0.1 * loss
+        reference.append(avg / (1 - 0.9 ** (i + 1)))
+    assert values == pytest.approx(reference)
+    assert values[10] == pytest.approx(1.2915, abs=1e-4) and values[-1] < 2.9  # it lags behind the jump after
 
 
 def test_the_tracker_stops_at_four_times_the_best_moving_average():
