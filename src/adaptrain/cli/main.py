@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 1
     finally:
         if not grouped and _group_started():  # this command started it (NCCL warns when not ended)
-            torch.distributed.destroy_process_group()
+            distributed.end_process_group()
 
 
 def _group_started() -> bool:

@@ -212,9 +212,8 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
         # The process's first steps pay one-off costs (thread pools, allocator, kernel selection) that no
         # later trial pays: measured alone, the user's start looked up to 2x slower than it is and lost
         # close calls it should win. One untimed pass first (its time counts in report.seconds).
-        warm_started = time.perf_counter()
         warm = runner.warm_up(dict(original))
-        warm_s = time.perf_counter() - warm_started
+        warm_s = warm.seconds  # the whole warm-up trial, loader and restore included
         result = None
         if budget is None and warm.ok:  # the default budget: does this run buy a search at all?
             expected = space.run_samples / warm.samples_per_s

@@ -13,13 +13,13 @@ Pure: no torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from adaptrain.tuning.batch_size import Probe, search_batch_size
 from adaptrain.tuning.loader_tuning import LoaderSettings, LoaderTuner
-from adaptrain.tuning.search_space import LOADER_KEYS, Measurement, Search
+from adaptrain.tuning.search_space import LOADER_KEYS, Measurement, Search, TrialRecord
 
 __all__ = ["choose", "batch_stage", "loader_stage", "rescue_stage", "data_bound_batch", "precision_at_largest_batch"]
 
@@ -172,13 +172,17 @@ def _loader_keys(settings: LoaderSettings) -> dict[str, Any]:
     return {"num_workers": settings.num_workers, "prefetch_factor": settings.prefetch_factor}
 
 
+def _largest_batch(search: Search, since: int, keep: Callable[[TrialRecord], bool]) -> int | None:
+    """The largest batch among the batch search's trials ``since`` on that ran and that ``keep`` accepts."""
+    return max((r.point["batch_size"] for r in search.records[since:]
+                if r.stage == "batch_size" and r.measurement.ok and keep(r)), default=None)
+
+
 def data_bound_batch(search: Search, since: int) -> int | None:
     """The largest batch the batch search ran (trials ``since`` on) that waited for data, unless it is the choice."""
     loader_now = {k: search.point.get(k) for k in LOADER_KEYS}
-    waited = [r.point["batch_size"] for r in search.records[since:]
-              if r.stage == "batch_size" and r.measurement.ok and (r.measurement.data_share or 0.0)
-              >= search.space.data_bound_share and {k: r.point.get(k) for k in LOADER_KEYS} == loader_now]
-    largest = max(waited, default=None)
+    largest = _largest_batch(search, since, lambda r: (r.measurement.data_share or 0.0) >= search.space.data_bound_share
+                             and {k: r.point.get(k) for k in LOADER_KEYS} == loader_now)
     return largest if largest is not None and largest != search.point.get("batch_size") else None
 
 
@@ -193,10 +197,8 @@ def precision_at_largest_batch(search: Search, since: int) -> bool:
     if search.space.batch_mode is None or len(search.space.precisions) < 2:
         return False
     incumbent, precision_now = search.current, search.point.get("precision")
-    fitted = [r.point["batch_size"] for r in search.records[since:]
-              if r.stage == "batch_size" and r.measurement.ok and r.point.get("precision") == precision_now
-              and (r.measurement.peak_fraction or 0.0) <= search.space.memory_fraction]
-    largest = max(fitted, default=None)
+    largest = _largest_batch(search, since, lambda r: r.point.get("precision") == precision_now
+                             and (r.measurement.peak_fraction or 0.0) <= search.space.memory_fraction)
     if incumbent is None or not incumbent.ok or largest is None or largest <= search.point.get("batch_size", 0):
         return False
     dropped = search.dropped.get("precision", set())
