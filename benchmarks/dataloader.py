@@ -212,9 +212,9 @@ def report(label, settings, rates, tuned, weights, load) -> None:
     for tuner, seconds, samples in tuned:
         trials = ", ".join(f"{t.settings.num_workers}w/pf{t.settings.prefetch_factor}: {t.samples_per_s:.0f}"
                            for t in tuner.timings)
-        print(f"  tuned run: chose {tuner.chosen.describe()}; tuning {tuner.seconds:.2f} s of {seconds:.1f} s "
-              f"({tuner.seconds / seconds:.1%}); trials [{trials}]; training after tuning "
-              f"{samples / (seconds - tuner.seconds):.1f} samples/s")
+        print(f"  tuned run: chose {tuner.chosen.describe()}; trials [{trials}] over its first "
+              f"{tuner.phase_batches} batches ({tuner.phase_seconds:.2f} s, all trained); tuning cost "
+              f"~{tuner.seconds:.2f} s of {seconds:.1f} s ({tuner.seconds / seconds:.1%}) over the chosen speed")
     same = (torch.equal(torch.cat([w.flatten() for w in weights["auto"]]),
                         torch.cat([w.flatten() for w in weights[(0, None)]])) if (0, None) in weights else "not run")
     others, steal = [x for x, _ in load], [y for _, y in load]

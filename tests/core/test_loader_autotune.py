@@ -1,9 +1,9 @@
-"""Trainer(auto_num_workers=True): the tuning phase, the rebuilt loaders, reproducibility, records, resume.
+"""Trainer(auto_num_workers=True): the live tuning epoch, the rebuilt loaders, reproducibility, records, resume.
 
 The tuner's decisions depend on measured speed, so tests that assert a decision feed it fixed
-timings (``time_trial`` replaced); tests with real trials assert only what holds whatever the
-machine measures (same batches, same weights, an untouched state). Worker processes are slow to
-start on 2 cores: three tests start any.
+timings (the search's ``observe`` is given numbers from a table, the trial's batches stay real);
+tests of what holds whatever the machine measures (same batches, same weights and RNGs as a run
+never tuned) use real trials too. Worker processes are slow to start on 2 cores: epochs are short.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from adaptrain import Callback, ConfigError, ModelCheckpoint, Trainer
 from adaptrain.core import loader_autotune
+from adaptrain.core.events import CancelTrainException
 from adaptrain.core.history import History
 from adaptrain.core.loader_autotune import LoaderAutotune
 from adaptrain.core.loader_trials import (
@@ -30,7 +31,7 @@ from adaptrain.core.loader_trials import (
     time_trial,
     trial_plan,
 )
-from adaptrain.tuning.loader_tuning import LoaderSettings, StartingPoint
+from adaptrain.tuning.loader_tuning import LoaderSettings, LoaderTuner, StartingPoint
 from tests.common import data
 
 HAS_ADAPTATIONS = hasattr(History(), "adaptations")
@@ -80,26 +81,33 @@ def start_at(monkeypatch, workers: int, max_workers: int) -> LoaderSettings:
     return settings
 
 
-def fake_trials(monkeypatch, rate_of, data_share: float = 0.5, seconds: float = 0.01) -> list[LoaderSettings]:
-    """Replace real trials by fixed timings: ``rate_of(settings)`` samples/s, 3 equal rounds."""
+def fixed_timing(settings: LoaderSettings, rate: float, data_share: float = 0.5, start_up: float = 0.01) -> Timing:
+    """A trial of ``settings`` measured at ``rate`` samples/s (3 equal rounds of 16 samples) after ``start_up`` s."""
+    elapsed = 48 / rate
+    return Timing(settings, data_time=data_share * elapsed, compute_time=(1 - data_share) * elapsed,
+                  rates=[rate] * 3, samples=48, batches=6, ram_fraction=0.2, seconds=start_up + elapsed,
+                  warmup_seconds=start_up, warmup_batches=0)
+
+
+def fake_trials(monkeypatch, rate_of, data_share: float = 0.5, start_up: float = 0.01) -> list[LoaderSettings]:
+    """Real trial loaders and batches, fixed measurements: the search sees ``rate_of(settings)`` samples/s."""
     asked: list[LoaderSettings] = []
 
-    def fake(trainer, loader, settings, rounds=3):
-        asked.append(settings)
-        rate = rate_of(settings)
-        elapsed = 48 / rate  # 6 batches of 8
-        return Timing(settings, data_time=data_share * elapsed, compute_time=(1 - data_share) * elapsed,
-                      rates=[rate] * 3, samples=48, batches=6, ram_fraction=0.2, seconds=seconds)
+    class FixedSearch(loader_autotune.LoaderSearch):
+        def observe(self, timing, batches_left):
+            asked.append(timing.settings)
+            return super().observe(fixed_timing(timing.settings, rate_of(timing.settings), data_share, start_up),
+                                   batches_left)
 
-    monkeypatch.setattr(loader_autotune, "time_trial", fake)
+    monkeypatch.setattr(loader_autotune, "LoaderSearch", FixedSearch)
     return asked
 
 
 def no_trials(monkeypatch) -> None:
     def refuse(*args, **kwargs):
-        raise AssertionError("a trial ran")
+        raise AssertionError("a tuning epoch was set up")
 
-    monkeypatch.setattr(loader_autotune, "time_trial", refuse)
+    monkeypatch.setattr(loader_autotune, "live_trial_loader", refuse)
 
 
 # ---------------------------------------------------------------- reproducibility (real workers)
@@ -147,40 +155,87 @@ def test_stable_loader_with_persistent_workers_draws_like_a_loader_without_worke
     assert torch.equal(stable_next, plain_next)
 
 
-# ---------------------------------------------------------------- the tuning phase leaves no trace
+# ---------------------------------------------------------------- the tuning epoch trains the run's own batches
 class Snapshot(Callback):
-    """Copies what training depends on, at before_fit (placed before or after the tuner by ``order``)."""
+    """Copies what training depends on, at after_fit."""
 
-    def __init__(self, order: int) -> None:
-        self.order, self.taken = order, None
-
-    def before_fit(self, trainer):
+    def after_fit(self, trainer):
         state = trainer.state
         self.taken = {
             "params": [p.detach().clone() for p in trainer.model.parameters()],
             "optimizer": copy.deepcopy(state.optimizer.state_dict()),
             "scheduler": copy.deepcopy(state.scheduler.state_dict()),
             "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(), "python": random.getstate(),
-            "loader": state.train_loader.generator.get_state(),
             "counters": state.counters(), "lr": state.lr,
         }
 
 
-def test_tuning_trains_nothing_and_leaves_every_rng_as_it_was(monkeypatch):
-    start_at(monkeypatch, workers=0, max_workers=0)  # real trials without worker processes
-    before, after, tune = Snapshot(order=-91), Snapshot(order=-89), LoaderAutotune()
-    trainer = make_trainer(callbacks=[before, after, tune], auto_num_workers=True, max_epochs=1,
-                           scheduler=lambda opt, total_steps: torch.optim.lr_scheduler.OneCycleLR(
-                               opt, max_lr=0.5, total_steps=total_steps))
-    trainer.fit(shuffled(data.classification(96)))
-    assert tune.timings and tune.timings[0].batches == 6  # 3 timed rounds of 2 real steps
-    a, b = before.taken, after.taken
+def same(a, b) -> bool:
+    """Equal, tensors compared exactly, through dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def one_cycle(opt, total_steps):
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=total_steps)
+
+
+def test_a_tuning_epoch_that_switches_loaders_trains_exactly_the_batches_of_a_run_never_tuned(monkeypatch):
+    """Given no workers, then 1, then 2, then back to 1 (fixed measurements decide, batches are real):
+    every switch stops a loader whose workers had fetched ahead, and their batches must come next,
+    once. No generator anywhere: the shuffle and the base-seed draws use the global RNG, which dropout
+    uses too, so a draw too many or too few would change the weights."""
+    train_set = data.classification(320)
+
+    def fit(tuned: bool):
+        batches, snapshot = Batches(), Snapshot()
+        callbacks = [batches, snapshot] + ([LoaderAutotune(rounds=1, budget=0)] if tuned else [])
+        trainer = make_trainer(callbacks=callbacks, max_epochs=2, scheduler=one_cycle,
+                               auto_num_workers=tuned)
+        trainer.fit(DataLoader(train_set, batch_size=8, shuffle=True))
+        return trainer, batches.seen, snapshot.taken
+
+    reference, reference_batches, a = fit(tuned=False)
+    start_at(monkeypatch, workers=1, max_workers=2)
+    rates = {(0, None): 50.0, (1, 2): 100.0, (2, 2): 101.0, (1, 4): 100.5}
+    asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
+    tuned, tuned_batches, b = fit(tuned=True)
+
+    assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (1, 2), (2, 2), (1, 4)]
+    assert tuned.loader_settings == {"num_workers": 1, "prefetch_factor": 2, "pin_memory": False,
+                                     "persistent_workers": True}
+    assert len(tuned_batches) == len(reference_batches) == 80
+    assert all(torch.equal(x, y) for x, y in zip(tuned_batches, reference_batches))
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
-    assert a["optimizer"] == b["optimizer"] and a["optimizer"]["state"] == {}  # no momentum left from trials
+    assert same(a["optimizer"], b["optimizer"]) and a["optimizer"]["state"]  # momentum, equal
     assert a["scheduler"] == b["scheduler"] and a["lr"] == b["lr"]
     assert torch.equal(a["torch"], b["torch"]) and (a["numpy"] == b["numpy"]).all() and a["python"] == b["python"]
-    assert torch.equal(a["loader"], b["loader"])
     assert a["counters"] == b["counters"]
+    assert tuned.state.history["train_loss"] == reference.state.history["train_loss"]
+
+
+def test_tuning_without_workers_trains_the_first_steps_and_the_run_is_unchanged(monkeypatch):
+    """Real measurements (no worker processes): the first epoch's first steps are the trial, and trained."""
+    start_at(monkeypatch, workers=0, max_workers=0)
+    runs = []
+    for callbacks in ([], [LoaderAutotune()]):
+        snapshot = Snapshot()
+        trainer = make_trainer(callbacks=[snapshot, *callbacks], auto_num_workers=bool(callbacks), max_epochs=1,
+                               scheduler=one_cycle)
+        trainer.fit(shuffled(data.classification(96)))
+        runs.append((trainer, snapshot.taken, callbacks))
+    (_, a, _), (tuned, b, (tune,)) = runs
+    assert tune.timings and tune.timings[0].batches == 6  # 3 timed rounds of 2 real steps
+    assert tune.phase_batches >= 7 and tune.seconds >= 0  # the warm-up batch and the timed ones, all trained
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    assert same(a["optimizer"], b["optimizer"]) and a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["torch"], b["torch"]) and a["counters"] == b["counters"]
+    assert tuned.state.train_loader.num_workers == 0
 
 
 def test_a_trial_times_real_steps_without_touching_the_run_loader():
@@ -219,11 +274,66 @@ def test_trial_plan_needs_a_warm_up_round_and_one_timed_round():
         trial_plan(LoaderSettings(3), batches=5, rounds=3)
 
 
+# ---------------------------------------------------------------- the search's decisions (pure)
+def search_from(given: LoaderSettings, start_workers: int = 2, max_workers: int = 4, **options):
+    start = StartingPoint(LoaderSettings(start_workers, 2, persistent_workers=True), max_workers, "test")
+    return loader_autotune.LoaderSearch(given, start, LoaderTuner(start.settings, max_workers), **options)
+
+
+def test_the_search_times_a_given_loader_without_workers_first_and_keeps_it_when_compute_bound():
+    search = search_from(LoaderSettings(0))
+    assert search.first == LoaderSettings(0) and search.first_rounds == 1
+    decision = search.observe(fixed_timing(LoaderSettings(0), 100.0, data_share=0.02), batches_left=50)
+    assert decision.settled and decision.settings == LoaderSettings(0)
+    assert decision.reason.startswith("compute-bound as given (data wait 2% of step time")
+
+
+def test_the_search_starts_at_the_hardware_start_when_the_loader_comes_with_workers():
+    search = search_from(LoaderSettings(1, 2))
+    assert search.first == search.start.settings and search.first_rounds == 3
+
+
+def test_a_data_bound_search_is_not_held_to_the_given_loader_measured_faster():
+    """One round without workers is a rough measurement (other load can halve a worker trial): a
+    data-bound loop takes the search's result, never the given loader as a baseline to beat."""
+    search = search_from(LoaderSettings(0), budget=0)
+    rates = {(0, None): 150.0, (2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
+    decision = search.observe(fixed_timing(LoaderSettings(0), 150.0), batches_left=100)
+    while not decision.settled:
+        decision = search.observe(fixed_timing(decision.settings, rates[decision.settings.num_workers,
+                                                                         decision.settings.prefetch_factor]), 100)
+    assert decision.settings.num_workers == 4 and len(search.timings) == 4
+
+
+def test_the_budget_stops_a_trial_whose_start_up_the_rest_of_the_run_cannot_repay():
+    # 1 s to start 2 workers, 20 batches left at 0.04 s: 4 workers (~2 s to start) would pass 5%
+    search = search_from(LoaderSettings(0), later_batches=0)
+    search.observe(fixed_timing(LoaderSettings(0), 60.0), batches_left=30)
+    decision = search.observe(fixed_timing(search.start.settings, 200.0, start_up=1.0), batches_left=20)
+    assert decision.settled and decision.settings == search.start.settings
+    assert "not trying num_workers=4" in decision.reason and "past 5% of this run" in decision.reason
+    # a long run repays it: the same trials, 10,000 batches (~400 s) still to come
+    search = search_from(LoaderSettings(0), later_batches=10_000)
+    search.observe(fixed_timing(LoaderSettings(0), 60.0), batches_left=30)
+    decision = search.observe(fixed_timing(search.start.settings, 200.0, start_up=1.0), batches_left=20)
+    assert not decision.settled and decision.settings.num_workers == 4
+
+
+def test_tuning_cost_is_the_trials_time_beyond_their_batches_at_the_chosen_speed():
+    search = search_from(LoaderSettings(0))
+    slow = fixed_timing(LoaderSettings(0), 50.0, start_up=0.0)  # 6 batches in 0.96 s
+    fast = fixed_timing(search.start.settings, 100.0, start_up=0.3)  # 6 batches in 0.48 s after 0.3 s
+    search.observe(slow, 100)
+    search.observe(fast, 100)
+    assert search.cost(search.start.settings) == pytest.approx((0.96 - 0.48) + 0.3)
+    assert search.cost(LoaderSettings(0)) == pytest.approx(0.0)  # at the slow speed, nothing was lost
+
+
 # ---------------------------------------------------------------- decisions, applied and recorded
-def tuner_on(loader, val_loader=None, **options):
+def tuned_fit(loader, val_loader=None, max_epochs: int = 1, **options):
     tune, metrics = LoaderAutotune(**options), Metrics()
-    trainer = make_trainer(callbacks=[tune, metrics], auto_num_workers=True)
-    trainer.state.train_loader, trainer.state.val_loader = loader, val_loader
+    trainer = make_trainer(callbacks=[tune, metrics], auto_num_workers=True, max_epochs=max_epochs)
+    trainer.fit(loader, val_loader)
     return trainer, tune, metrics
 
 
@@ -232,13 +342,13 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
     rates = {(0, None): 60.0, (2, 2): 100.0, (4, 2): 180.0, (4, 4): 182.0}
     asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
     val = DataLoader(data.classification(32), batch_size=16)
-    trainer, tune, metrics = tuner_on(shuffled(data.classification(96)), val, budget=0)
-    tune.before_fit(trainer)  # what fit calls; the rebuilt loaders are not iterated: no workers start
+    trainer, tune, metrics = tuned_fit(shuffled(data.classification(320)), val, max_epochs=2, budget=0, rounds=1)
 
     # the loader as given first (no workers to start), then the tuner from the hardware start
     assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (2, 2), (4, 2), (4, 4)]
     chosen = {"num_workers": 4, "prefetch_factor": 2, "pin_memory": False, "persistent_workers": True}
     assert trainer.loader_settings == chosen and tune.chosen.as_dict() == chosen
+    assert isinstance(trainer.state.train_loader, StableDataLoader)
     assert trainer.state.train_loader.sampler.generator is not None  # the run's own sampler, kept
     assert trainer.state.val_loader.num_workers == 4 and trainer.state.val_loader.persistent_workers
     line = capsys.readouterr().out
@@ -246,75 +356,68 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
     assert "prefetch_factor 2 -> 4 did not pay: 180.0 -> 182.0 samples/s" in line  # the settling verdict
     assert "[num_workers=0: 60.0, num_workers=2, prefetch_factor=2: 100.0, num_workers=4, prefetch_factor=2: 180.0" \
         in line
+    assert f"tuned over the first {tune.phase_batches} batches" in line and "all of them trained" in line
     assert "val loader num_workers=0 -> num_workers=4" in line
-    assert metrics.logged == [{"loader_num_workers": 4, "loader_prefetch_factor": 2,
-                               "loader_tuning_seconds": round(tune.seconds, 3)}]
+    assert metrics.logged[0] == {"loader_num_workers": 4, "loader_prefetch_factor": 2,
+                                 "loader_tuning_seconds": round(tune.seconds, 3)}
     if HAS_ADAPTATIONS:
         (entry,) = trainer.state.history.adaptations
         assert entry["kind"] == "loader" and entry["after"] == chosen and entry["before"]["num_workers"] == 0
-        assert entry["epoch"] == 1 and entry["step"] == 0 and len(entry["trials"]) == 4
-        assert entry["reason"] in line
+        # decided in epoch 1 after its trials: the given loader's 3 batches, 4 + 6 + 8 for the others
+        assert entry["epoch"] == 1 and entry["step"] == tune.phase_batches == 3 + 4 + 8 + 8
+        assert len(entry["trials"]) == 4 and entry["reason"] in line
         assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # the tuner's verdicts
 
 
-def test_a_compute_bound_loop_without_workers_keeps_them_off_after_one_trial(monkeypatch, capsys):
+def test_a_compute_bound_loop_without_workers_keeps_them_off_after_one_round(monkeypatch, capsys):
     start_at(monkeypatch, workers=2, max_workers=4)
     asked = fake_trials(monkeypatch, lambda s: 100.0, data_share=0.02)
-    trainer, tune, _ = tuner_on(shuffled(data.classification(96)))
-    tune.before_fit(trainer)
+    original = shuffled(data.classification(96))
+    trainer, tune, _ = tuned_fit(original, max_epochs=2)
     assert asked == [LoaderSettings(0)]  # no worker was started to find that out
-    assert trainer.loader_settings["num_workers"] == 0
+    assert trainer.state.train_loader is original  # kept as it is, not rebuilt
     assert "kept num_workers=0: compute-bound as given (data wait 2% of step time" in capsys.readouterr().out
 
 
 def test_a_compute_bound_loop_with_workers_settles_after_one_trial_on_persistent_ones(monkeypatch, capsys):
     start = start_at(monkeypatch, workers=2, max_workers=4)
     asked = fake_trials(monkeypatch, lambda s: 100.0, data_share=0.02)
-    trainer, tune, _ = tuner_on(shuffled(data.classification(96), num_workers=1))
-    tune.before_fit(trainer)
+    trainer, tune, _ = tuned_fit(shuffled(data.classification(96), num_workers=1))
     assert asked == [start]
     assert trainer.loader_settings == start.as_dict() and trainer.loader_settings["persistent_workers"]
     assert "compute-bound (data wait 2% of step time" in capsys.readouterr().out
 
 
-def test_a_data_bound_loop_is_tuned_even_when_loading_in_the_main_process_measured_faster(monkeypatch):
-    """One round without workers is a rough measurement (other load can halve a worker trial): a
-    data-bound loop takes the search's result, never the given loader as a baseline to beat."""
-    start_at(monkeypatch, workers=2, max_workers=4)
-    rates = {(0, None): 150.0, (2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
-    fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
-    trainer, tune, _ = tuner_on(shuffled(data.classification(96)), budget=0)
-    tune.before_fit(trainer)
-    assert trainer.loader_settings["num_workers"] == 4 and len(tune.timings) == 4
-
-
-def test_a_short_run_stops_tuning_at_its_budget(monkeypatch, capsys):
-    start_at(monkeypatch, workers=2, max_workers=4)
-    # 1 s a trial, 12 batches a run: after the given loader and the start, no time is left for 4 workers
-    asked = fake_trials(monkeypatch, lambda s: 100.0 * max(s.num_workers, 1), seconds=1.0)
-    trainer, tune, _ = tuner_on(shuffled(data.classification(96)))
-    tune.before_fit(trainer)
-    assert len(asked) == 2 and trainer.loader_settings["num_workers"] == 2
-    line = capsys.readouterr().out
-    assert "not trying num_workers=4" in line and "past 5% of this run" in line
-
-
 def test_an_epoch_too_short_to_time_gets_the_unmeasured_starting_point(monkeypatch, capsys):
     start_at(monkeypatch, workers=2, max_workers=2)
-    trainer, tune, _ = tuner_on(DataLoader(data.classification(16), batch_size=8))  # 2 batches
-    tune.before_fit(trainer)
+    trainer, tune, _ = tuned_fit(DataLoader(data.classification(16), batch_size=8))  # 2 batches
     assert trainer.loader_settings["num_workers"] == 2 and tune.timings == []
-    assert "an epoch of 2 batches is too short to time num_workers=0: the hardware starting point, unmeasured" \
-        in capsys.readouterr().out
+    assert ("the 2 batches left in the epoch are too few to time num_workers=0: the hardware starting point, "
+            "unmeasured") in capsys.readouterr().out
 
 
 def test_an_epoch_too_short_for_workers_keeps_the_loader_as_given_when_it_was_timed(monkeypatch):
     """3 batches: enough to time the given loader (real steps), too few for 2 workers. Compute-bound
     or not (the machine decides), what was measured is kept: never an unmeasured change over it."""
     start_at(monkeypatch, workers=2, max_workers=2)
-    trainer, tune, _ = tuner_on(DataLoader(data.classification(24), batch_size=8))
-    tune.before_fit(trainer)
+    trainer, tune, _ = tuned_fit(DataLoader(data.classification(24), batch_size=8))
     assert trainer.loader_settings["num_workers"] == 0 and len(tune.timings) == 1
+
+
+def test_a_fit_stopped_before_the_search_settled_leaves_the_loader_as_given(monkeypatch):
+    start_at(monkeypatch, workers=0, max_workers=0)
+
+    class StopEarly(Callback):
+        def after_batch(self, trainer):
+            if trainer.state.batch_idx == 2:
+                trainer.state.should_stop = True
+                raise CancelTrainException()
+
+    original = shuffled(data.classification(96))
+    tune = LoaderAutotune()
+    trainer = make_trainer(callbacks=[tune, StopEarly()], auto_num_workers=True, max_epochs=2)
+    trainer.fit(original)
+    assert trainer.state.train_loader is original and tune.chosen is None and tune.state_dict() == {}
 
 
 @pytest.mark.parametrize("loader, named", [
@@ -354,14 +457,15 @@ class Workers(Callback):
         self.seen: list = []
 
     def after_epoch(self, trainer):
-        self.seen.extend(trainer.state.train_loader._iterator._workers)
+        iterator = trainer.state.train_loader._iterator  # None in the tuning epoch (its trial loaders are its own)
+        self.seen.extend(iterator._workers if iterator is not None else [])
 
 
 def test_a_resumed_run_reapplies_the_chosen_settings_without_tuning(monkeypatch, tmp_path, capsys):
     start_at(monkeypatch, workers=1, max_workers=2)
     fake_trials(monkeypatch, lambda s: 100.0)  # nothing pays: 1 worker, persistent
     workers = Workers()
-    first = make_trainer(callbacks=[ModelCheckpoint(tmp_path), workers], auto_num_workers=True, max_epochs=1)
+    first = make_trainer(callbacks=[ModelCheckpoint(tmp_path), workers], auto_num_workers=True, max_epochs=2)
     first.fit(shuffled(data.classification(96)))
     chosen = first.loader_settings
     assert chosen["num_workers"] == 1 and chosen["persistent_workers"]
@@ -371,9 +475,9 @@ def test_a_resumed_run_reapplies_the_chosen_settings_without_tuning(monkeypatch,
 
     no_trials(monkeypatch)
     capsys.readouterr()
-    resumed = make_trainer(callbacks=[ModelCheckpoint(tmp_path)], auto_num_workers=True, max_epochs=2)
+    resumed = make_trainer(callbacks=[ModelCheckpoint(tmp_path)], auto_num_workers=True, max_epochs=3)
     resumed.fit(shuffled(data.classification(96)), ckpt_path=tmp_path / "last.ckpt")
     assert resumed.loader_settings == chosen
     assert "num_workers=1, prefetch_factor=2 (persistent) (chosen earlier in this run; not tuned again)" in \
         capsys.readouterr().out
-    assert len(resumed.state.history.records) == 2
+    assert len(resumed.state.history.records) == 3

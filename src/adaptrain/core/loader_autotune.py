@@ -1,24 +1,25 @@
 """Loader tuning applied to the running job: ``Trainer(auto_num_workers=True)``.
 
 The decisions are :mod:`adaptrain.tuning.loader_tuning`'s (a starting point from the hardware,
-then :class:`~adaptrain.tuning.loader_tuning.LoaderTuner`); this callback measures and applies them.
+then :class:`~adaptrain.tuning.loader_tuning.LoaderTuner`), driven here by :class:`LoaderSearch`
+(a given loader without workers timed first, the budget, settling early); this callback measures
+and applies them.
 
-At ``before_fit`` (the batch size is final by then) it runs a short tuning phase that trains
-nothing: the state is snapshotted, each candidate setting is timed on real training steps over a
-measurement loader (same data set, collate and worker setup, sequential order, its own generator:
-:func:`~adaptrain.core.loader_trials.time_trial`), and the snapshot is restored, so weights,
-optimizer, scheduler, every RNG and the counters are exactly as before. The chosen settings then
-rebuild the train loader (same dataset, sampler and generator) as a
-:class:`~adaptrain.core.loader_trials.StableDataLoader`, so a seeded run yields the same batches
-and the same numbers whatever the worker count (for a ``__getitem__`` that draws no randomness of
-its own: randomness inside workers is seeded per worker by torch, whatever this callback does).
-The val loader gets the same setting, once.
+The trials train. Worker settings change how batches are made, not which batches come, so the
+first epoch that starts fresh is itself the tuning phase: its batches, in its order, are read by
+one candidate setting after another (:class:`~adaptrain.core.loader_live.LiveTrialLoader`), and the
+loop trains on each of them as usual. Nothing is discarded or restored; a seeded run is
+bit-identical to one never tuned (for a ``__getitem__`` that draws no randomness of its own). Once
+the search settles, the rest of that epoch is read with the chosen setting, and from the next epoch
+on the train loader is the original rebuilt with it as a
+:class:`~adaptrain.core.loader_trials.StableDataLoader` (persistent workers, same sampler and
+generator). The val loader gets the same setting, once, before that epoch's validation.
 
-What it costs: the tuning seconds (each trial starts its workers and times ``rounds`` rounds of
-one batch per worker after a warm-up round), paid once per run and reported. A compute-bound
-start settles after one trial, on a setting that costs nothing later: workers are persistent, never
-respawned each epoch. A resumed run (or a second ``fit``) re-applies the settings kept in this
-callback's checkpointed state and does not tune again.
+What it costs: what the candidates lose against the chosen setting (each a worker start-up, a slower
+one its slower batches), reported as :attr:`LoaderAutotune.seconds`. Measured before this design,
+trials on a copy of the data that were then undone cost 5-7% of a 9 s data-bound run. A
+compute-bound start settles after one round without starting a worker. A resumed run (or a second
+``fit``) re-applies the settings kept in this callback's checkpointed state and does not tune again.
 
 Every change is one printed line (before -> after, why, the samples/s of each trial), an entry of
 ``history.adaptations`` (when the history has that list) and ``loader_*`` metrics for the loggers.
@@ -26,58 +27,164 @@ Every change is one printed line (before -> after, why, the samples/s of each tr
 
 from __future__ import annotations
 
-import inspect
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from adaptrain.core.callback import Callback
-from adaptrain.core.loader_trials import (
-    StableDataLoader,
-    Timing,
-    TooFewBatches,
-    hardware_start,
-    rebuildable,
-    stable_loader,
-    time_trial,
-)
+from adaptrain.core.loader_live import LiveTrialLoader, live_trial_loader
+from adaptrain.core.loader_trials import StableDataLoader, Timing, hardware_start, rebuildable, stable_loader
 from adaptrain.data.loaders import loader_length, loader_settings, shutdown_workers
 from adaptrain.errors import ConfigError
 from adaptrain.tuning.loader_tuning import Decision, LoaderSettings, LoaderTuner, StartingPoint
 
 if TYPE_CHECKING:
+    from adaptrain.core.loader_live import _TrialEpoch
     from adaptrain.core.trainer import Trainer
 
-__all__ = ["LoaderAutotune", "StableDataLoader"]
+__all__ = ["LoaderAutotune", "LoaderSearch", "StableDataLoader"]
+
+
+class LoaderSearch:
+    """The order of the trials, fed one :class:`~adaptrain.core.loader_trials.Timing` at a time; no torch, no trainer.
+
+    A loader given with ``num_workers=0`` is timed first as it is, over one round (no worker to
+    start). Compute-bound there, it is kept: workers cannot pay and would cost start-up, batch
+    transfers and RAM (measured on 2 cores with in-memory tensors: 2 workers 0.80x of none).
+    Data-bound, the tuner searches from the hardware start. The given loader is not a baseline the
+    search must beat: measured, a burst of other load during its round made a data-bound run keep
+    no workers at 0.54x of the best static; more workers than needed cost far less.
+
+    The budget: a trial whose estimated cost (the last trial's worker start-up beyond its batches'
+    steady time, scaled by the worker count) would take the tuning's cost so far past ``budget`` of
+    the run (what is left of it at the best measured speed, plus what has run) is not started.
+
+    Args:
+        given: the loader's settings as the user gave them.
+        start: the hardware starting point.
+        tuner: the tuner, started at ``start.settings``.
+        rounds: timed rounds a trial runs (the given loader's first trial: one).
+        budget: the most tuning may cost, as a share of the run; 0: no limit.
+        later_batches: the run's batches after the tuning epoch (for the budget).
+
+    Example:
+        >>> from adaptrain.tuning.loader_tuning import StartingPoint
+        >>> start = StartingPoint(LoaderSettings(2, 2, persistent_workers=True), 4, "2 cores")
+        >>> search = LoaderSearch(LoaderSettings(0), start, LoaderTuner(start.settings, 4), later_batches=100)
+        >>> search.first.describe(), search.first_rounds
+        ('num_workers=0', 1)
+        >>> given = Timing(LoaderSettings(0), data_time=0.01, compute_time=0.99, rates=[64.0], samples=64, batches=2)
+        >>> decision = search.observe(given, batches_left=30)
+        >>> decision.action, decision.reason.split(":")[0]
+        ('settle', 'compute-bound as given (data wait 1% of step time at 64.0 samples/s, under 10%)')
+    """
+
+    def __init__(self, given: LoaderSettings, start: StartingPoint, tuner: LoaderTuner, rounds: int = 3,
+                 budget: float = 0.05, later_batches: int = 0) -> None:
+        self.given, self.start, self.tuner, self.rounds, self.budget = given, start, tuner, rounds, budget
+        self.later_batches = later_batches
+        self.timings: list[Timing] = []
+        self.baseline: Timing | None = None  # the loader as given, timed before the search
+        self._timing_given = given.num_workers == 0 and given != start.settings
+        self.first = given if self._timing_given else start.settings
+        self.first_rounds = 1 if self._timing_given else rounds
+
+    def observe(self, timing: Timing, batches_left: int) -> Decision:
+        """The next step after ``timing``; ``batches_left``: the tuning epoch's batches not yet trained."""
+        self.timings.append(timing)
+        if self._timing_given and self.baseline is None:
+            self.baseline = timing
+            share = timing.data_time / max(timing.data_time + timing.compute_time, 1e-12)
+            line = (f"data wait {share:.0%} of step time at {timing.median_rate:.1f} samples/s, "
+                    f"{'under' if share < self.tuner.data_bound_share else 'over'} "
+                    f"{self.tuner.data_bound_share:.0%}")
+            if share < self.tuner.data_bound_share:
+                return Decision("settle", self.given, f"compute-bound as given ({line}): workers cannot pay and "
+                                                      "would cost start-up, transfers and RAM")
+            return Decision("try", self.start.settings, f"data-bound as given ({line}); trying "
+                                                       f"{self.start.settings.describe()}")
+        decision = self.tuner.observe(timing.settings, timing.data_time, timing.compute_time, timing.rates,
+                                      timing.ram_fraction)
+        over = None if decision.settled else self._over_budget(decision.settings, batches_left)
+        if over:
+            return self.settle_early(f"{decision.reason.rsplit('; trying', 1)[0]}; not trying "
+                                     f"{decision.settings.describe()}: {over}")
+        return decision
+
+    def settle_early(self, why: str) -> Decision:
+        """Settle before the tuner does: on its best measured setting, else the given loader if it was
+        measured, else the unmeasured hardware start."""
+        best = self.tuner.best
+        if best is None and self.baseline is not None:
+            return Decision("settle", self.given, f"{why}: keeping the loader as given, the one measured "
+                                                  f"({self.baseline.median_rate:.1f} samples/s)")
+        if best is None:
+            return Decision("settle", self.start.settings, f"{why}: the hardware starting point, unmeasured "
+                                                          f"({self.start.reason})")
+        settings = replace(best.settings, persistent_workers=True)  # respawned workers never pay
+        return Decision("settle", settings, f"{why}; settled on {settings.describe()} "
+                                            f"({best.samples_per_s:.1f} samples/s)")
+
+    def cost(self, settings: LoaderSettings | None = None) -> float:
+        """Seconds the trials took beyond their batches at the speed of ``settings`` (default: the fastest
+        measured): what tuning cost, since the trials' batches trained."""
+        fastest = self._timing_of(settings) if settings is not None else self._fastest()
+        if fastest is None:
+            return 0.0
+        per_batch = fastest.seconds_per_batch
+        return sum(max(t.seconds - (t.warmup_batches + t.batches) * per_batch, 0.0) for t in self.timings)
+
+    def _timing_of(self, settings: LoaderSettings) -> Timing | None:
+        plain = replace(settings, persistent_workers=False)
+        matching = [t for t in self.timings if replace(t.settings, persistent_workers=False) == plain]
+        return max(matching, key=lambda t: t.median_rate) if matching else self._fastest()
+
+    def _fastest(self) -> Timing | None:
+        return max(self.timings, key=lambda t: t.median_rate) if self.timings else None
+
+    def _over_budget(self, candidate: LoaderSettings, batches_left: int) -> str | None:
+        """Why the next trial would take tuning past its budget, or None when it fits."""
+        fastest = self._fastest()
+        if not self.budget or fastest is None:
+            return None
+        per_batch = fastest.seconds_per_batch
+        left = (batches_left + self.later_batches) * per_batch
+        ran = sum(t.seconds for t in self.timings)
+        last = self.timings[-1]
+        start_up = max(last.warmup_seconds - last.warmup_batches * per_batch, 0.0)
+        cost = start_up * max(candidate.num_workers, 1) / max(last.settings.num_workers, 1)
+        spent = self.cost()
+        if spent + cost <= self.budget * (left + ran):
+            return None
+        return (f"~{cost:.2f} s more would take tuning's cost ({spent:.2f} s so far) past {self.budget:.0%} of this "
+                f"run (~{left:.0f} s left at the best speed)")
 
 
 class LoaderAutotune(Callback):
-    """Tunes the train loader's ``num_workers`` / ``prefetch_factor`` at the start of ``fit`` and applies them.
+    """Tunes the train loader's ``num_workers`` / ``prefetch_factor`` during the first epoch and applies them.
 
     Added by ``Trainer(auto_num_workers=True)``; pass an instance in ``callbacks`` instead to change
     its options. Changes training only through the loaders it rebuilds (same batches, same order).
 
     Args:
-        max_trials: settings tried after the starting point, at most (each costs a worker start-up
-            and ``rounds`` + 1 rounds of steps).
+        max_trials: settings tried after the starting point, at most (each costs a worker start-up).
         rounds: timed rounds per trial (a round: one batch per worker, at least 2); more rounds, a
-            steadier measurement, a longer tuning phase.
-        budget: the most tuning may take, as a share of the run (its remaining batches at the best
-            measured speed, plus the tuning): a trial that would pass it is not run, and the best
-            setting so far is kept. Tuning pays back only over a long enough run; 0 turns the limit off.
-            Only a data-bound loop spends past its first trial (a compute-bound one settles there), and
-            there more workers usually pay, so 5% is a bet that pays on most data-bound runs.
+            steadier measurement over more of the first epoch.
+        budget: the most tuning may cost, as a share of the run (its remaining batches at the best
+            measured speed, plus what has run): a trial that would pass it is not started, and the
+            best setting so far is kept; 0 turns the limit off.
         tune_val: give a DataLoader val loader the train loader's chosen setting too.
 
     After ``fit``: :attr:`chosen` (the settings), :attr:`timings` (one per trial), :attr:`seconds`
-    (the tuning phase's wall time), :attr:`start` (the hardware starting point and its reason).
+    (what tuning cost: the trials' time beyond their batches at the chosen speed),
+    :attr:`phase_seconds` and :attr:`phase_batches` (the trials' span, all of it trained), :attr:`start`
+    (the hardware starting point and its reason).
 
     Example:
         >>> LoaderAutotune(max_trials=2).state_dict()  # nothing chosen yet: nothing to checkpoint
         {}
     """
 
-    order = -90  # before every other callback's before_fit: they see the loader the run trains with
+    order = -90  # before every other callback's before_fit/before_train: they see the loader the run trains with
 
     def __init__(self, max_trials: int = 4, rounds: int = 3, budget: float = 0.05, tune_val: bool = True) -> None:
         for name, value in (("max_trials", max_trials), ("rounds", rounds)):
@@ -89,10 +196,21 @@ class LoaderAutotune(Callback):
         self.chosen: LoaderSettings | None = None
         self.val_chosen: LoaderSettings | None = None
         self.start: StartingPoint | None = None
-        self.tuner: LoaderTuner | None = None
-        self.timings: list[Timing] = []
-        self._baseline: Timing | None = None  # the loader as given, timed before the search
-        self.seconds = 0.0
+        self.search: LoaderSearch | None = None
+        self.seconds = self.phase_seconds = 0.0
+        self.phase_batches = 0
+        self._pending = False  # tune at the next epoch that starts fresh
+        self._original: Any = None  # the train loader as given, while tuning
+        self._replacement: Any = None  # the loader the run trains with once tuned
+
+    @property
+    def timings(self) -> list[Timing]:
+        """One per trial (the given loader's first when it was timed)."""
+        return self.search.timings if self.search is not None else []
+
+    @property
+    def tuner(self) -> LoaderTuner | None:
+        return self.search.tuner if self.search is not None else None
 
     # ------------------------------------------------------------------ checkpointed state
     def state_dict(self) -> dict[str, Any]:
@@ -105,7 +223,7 @@ class LoaderAutotune(Callback):
             self.chosen = LoaderSettings.from_dict(state["train"])
         self.val_chosen = LoaderSettings.from_dict(state["val"]) if state.get("val") else None
 
-    # ------------------------------------------------------------------ the event
+    # ------------------------------------------------------------------ the events
     def check(self, trainer: Trainer) -> None:
         """Raise :class:`~adaptrain.ConfigError` when the train loader cannot be tuned (call it before any work)."""
         problem = rebuildable(trainer.state.train_loader)
@@ -115,31 +233,59 @@ class LoaderAutotune(Callback):
                               "__len__), or set auto_num_workers to false and choose num_workers yourself.")
 
     def before_fit(self, trainer: Trainer) -> None:
+        self._pending = False
         if trainer.autotune.applied:  # Trainer(auto=True) measured the workers with everything else
             return
         self.check(trainer)
         state = trainer.state
-        before = LoaderSettings.from_dict(loader_settings(state.train_loader))
         if self.chosen is not None:  # a resumed run, or fit() again: the run's settings, not a new search
             self._apply(trainer, self.chosen, self.val_chosen)
             trainer.print(f"adaptrain: train loader {self.chosen.describe()} (chosen earlier in this run; "
                           "not tuned again)")
             self._log(trainer)
-            return
-        if trainer.limit_batches:
+        elif trainer.limit_batches:
             trainer.print("adaptrain: loader tuning skipped (fast_dev_run)")
+        elif trainer.strategy is not None:
+            before = LoaderSettings.from_dict(loader_settings(state.train_loader))
+            decision = self._ranks_start(trainer)
+            val_before = self._apply(trainer, decision.settings, decision.settings if self.tune_val else None)
+            self._record(trainer, before, decision, val_before)
+        else:
+            self._pending = True
+
+    def before_train(self, trainer: Trainer) -> None:
+        """The first epoch that starts fresh (a resumed half epoch replays its batches first) is the tuning phase."""
+        state = trainer.state
+        if not self._pending or state.mid_epoch:
             return
-        started = time.perf_counter()
-        decision = self.tune(trainer) if trainer.strategy is None else self._ranks_start(trainer)
-        val_before = self._apply(trainer, decision.settings, decision.settings if self.tune_val else None)
-        self.seconds = time.perf_counter() - started
-        self._record(trainer, before, decision, val_before)
+        self._pending = False
+        loader = self._original = state.train_loader
+        self.start = hardware_start(trainer, loader)
+        later = (state.max_epochs - state.epoch - 1) * (loader_length(loader) or 0)
+        self.search = LoaderSearch(LoaderSettings.from_dict(loader_settings(loader)), self.start,
+                                   LoaderTuner(self.start.settings, self.start.max_workers, max_trials=self.max_trials),
+                                   self.rounds, self.budget, later_batches=later)
+        trainer.replace_train_loader(live_trial_loader(loader, self.search,
+                                                       lambda decision, epoch: self._settled(trainer, decision, epoch),
+                                                       trainer.device))
 
     def after_fit(self, trainer: Trainer) -> None:
+        self._finish(trainer)
         self._stop_workers(trainer)
 
     def exception(self, trainer: Trainer) -> None:
+        self._finish(trainer)
         self._stop_workers(trainer)
+
+    def _finish(self, trainer: Trainer) -> None:
+        """After ``fit``: the chosen loader in place (a run that ended with the tuning epoch had it waiting for
+        the next epoch), or, when ``fit`` stopped before the search settled, the loader as given."""
+        state = trainer.state
+        if self._replacement is not None and state.next_train_loader is self._replacement:
+            trainer.replace_train_loader(self._replacement)
+        elif isinstance(state.train_loader, LiveTrialLoader) and self._original is not None:
+            trainer.replace_train_loader(self._original)
+        self._original = self._replacement = None
 
     def _stop_workers(self, trainer: Trainer) -> None:
         """End the persistent workers of the loaders this callback built, now that ``fit`` is over.
@@ -153,109 +299,38 @@ class LoaderAutotune(Callback):
                 shutdown_workers(loader._iterator)
                 loader._iterator = None
 
-    # ------------------------------------------------------------------ tuning
+    # ------------------------------------------------------------------ deciding
     def _ranks_start(self, trainer: Trainer) -> Decision:
         """Several ranks: the hardware starting point (this node's cores divided among its ranks), no
-        trials. Each trial step goes through DDP's collectives, and ranks timing different candidates
-        (their measurements differ) would wait on each other for good."""
+        trials. Ranks timing different candidates (their measurements differ) would settle on different
+        settings, and a rank that rebuilt its loader mid-epoch would fall out of step with the others."""
         self.start = hardware_start(trainer, trainer.state.train_loader)
         return Decision("settle", self.start.settings, "several ranks: the hardware starting point (cores "
                         "divided among the node's ranks), not timed: trials on each rank would desynchronise")
 
-    def tune(self, trainer: Trainer) -> Decision:
-        """Time the tuner's candidates on real, undone steps; returns the settling decision (nothing applied).
-
-        A loader given with ``num_workers=0`` is timed first as it is, over one round (no worker to
-        start: 3 steps). Compute-bound there, it is kept: workers cannot pay and would cost start-up,
-        batch transfers and RAM (measured on 2 cores with in-memory tensors: 2 workers 0.80x of none).
-        Data-bound, the tuner searches from the hardware start. The given loader is not a baseline
-        the search must beat: measured, a burst of other load during its round made a data-bound run
-        keep no workers at 0.54x of the best static; more workers than needed cost far less.
-        """
-        state = trainer.state
-        loader = state.train_loader
-        self.start = hardware_start(trainer, loader)
-        self.tuner = LoaderTuner(self.start.settings, self.start.max_workers, max_trials=self.max_trials)
-        self.timings, self._baseline = [], None
-        given = LoaderSettings.from_dict(loader_settings(loader))
-        started = time.perf_counter()
-        saved = _snapshot(state)
-        try:
-            if given.num_workers == 0 and given != self.start.settings:
-                try:
-                    baseline = time_trial(trainer, loader, given, rounds=1)
-                except TooFewBatches as short:
-                    return self._settle_early(self.tuner, str(short))
-                self.timings.append(baseline)
-                self._baseline = baseline
-                share = baseline.data_time / max(baseline.data_time + baseline.compute_time, 1e-12)
-                if share < self.tuner.data_bound_share:
-                    return Decision("settle", given, (
-                        f"compute-bound as given (data wait {share:.0%} of step time at "
-                        f"{baseline.median_rate:.1f} samples/s, under {self.tuner.data_bound_share:.0%}): "
-                        "workers cannot pay and would cost start-up, transfers and RAM"))
-            return self._search(trainer, loader, started)
-        finally:
-            state.restore(saved)
-            state.batch = state.outputs = state.loss = None  # the last trial's tensors: free them now
-            state.unpacked = (None, None, None)
-
-    def _search(self, trainer: Trainer, loader: Any, started: float) -> Decision:
-        tuner = self.tuner
-        assert tuner is not None and self.start is not None
-        settings = self.start.settings
-        while True:
-            try:
-                timing = time_trial(trainer, loader, settings, self.rounds)
-            except TooFewBatches as short:
-                return self._settle_early(tuner, str(short))
-            self.timings.append(timing)
-            decision = tuner.observe(settings, timing.data_time, timing.compute_time, timing.rates,
-                                     timing.ram_fraction)
-            if decision.settled:
-                return decision
-            settings = decision.settings
-            over = self._over_budget(trainer, settings, time.perf_counter() - started)
-            if over:
-                return self._settle_early(tuner, f"{decision.reason.rsplit('; trying', 1)[0]}; not trying "
-                                                 f"{settings.describe()}: {over}")
-
-    def _over_budget(self, trainer: Trainer, candidate: LoaderSettings, spent: float) -> str | None:
-        """Why the next trial would take tuning past its budget, or None when it fits."""
-        state, best = trainer.state, self.tuner.best if self.tuner is not None else None
-        batches = loader_length(state.train_loader)
-        if not self.budget or best is None or batches is None:
-            return None
-        fastest = next(t for t in self.timings if t.settings == best.settings)
-        left = max((state.max_epochs - state.epoch) * batches - state.batch_idx, 0) * fastest.seconds_per_batch
-        last = self.timings[-1]  # a trial's cost grows with its rounds, one batch per worker
-        cost = last.seconds * max(candidate.num_workers, 2) / max(last.settings.num_workers, 2)
-        if spent + cost <= self.budget * (left + spent):
-            return None
-        return (f"~{cost:.1f} s more would take tuning ({spent:.1f} s so far) past {self.budget:.0%} of this run "
-                f"(~{left:.0f} s left at the best speed)")
-
-    def _settle_early(self, tuner: LoaderTuner, why: str) -> Decision:
-        """Settle before the tuner does: on its best measured setting, else the given loader if it was
-        measured, else the unmeasured hardware start."""
-        best = tuner.best
-        if best is None and self._baseline is not None:
-            return Decision("settle", self._baseline.settings, f"{why}: keeping the loader as given, the one measured "
-                                                               f"({self._baseline.median_rate:.1f} samples/s)")
-        if best is None:
-            assert self.start is not None
-            return Decision("settle", self.start.settings, f"{why}: the hardware starting point, unmeasured "
-                                                          f"({self.start.reason})")
-        settings = replace(best.settings, persistent_workers=True)  # respawned workers never pay
-        return Decision("settle", settings, f"{why}; settled on {settings.describe()} "
-                                            f"({best.samples_per_s:.1f} samples/s)")
+    def _settled(self, trainer: Trainer, decision: Decision, epoch: _TrialEpoch) -> None:
+        """The live search settled (mid-epoch): the next epochs' loader, the val loader now, the record."""
+        assert self.search is not None
+        self.seconds = self.search.cost(decision.settings)
+        self.phase_seconds, self.phase_batches = epoch.seconds, epoch.batches_trained
+        given = self.search.given
+        chosen = decision.settings
+        self._replacement = (self._original if chosen == given
+                             else stable_loader(self._original, **chosen.as_dict()))
+        trainer.replace_train_loader(self._replacement)  # mid-epoch: from the next epoch on
+        val_before = self._apply_val(trainer, chosen if self.tune_val else None)
+        self.chosen = chosen
+        self._record(trainer, given, decision, val_before)
 
     # ------------------------------------------------------------------ applying and recording
     def _apply(self, trainer: Trainer, train: LoaderSettings, val: LoaderSettings | None) -> LoaderSettings | None:
-        """Rebuild the train loader (and the val loader, with ``val``); returns the val loader's settings before."""
-        state = trainer.state
-        trainer.replace_train_loader(stable_loader(state.train_loader, **train.as_dict()))
+        """Rebuild the train loader now (and the val loader, with ``val``); returns the val loader's settings before."""
+        trainer.replace_train_loader(stable_loader(trainer.state.train_loader, **train.as_dict()))
         self.chosen = train
+        return self._apply_val(trainer, val)
+
+    def _apply_val(self, trainer: Trainer, val: LoaderSettings | None) -> LoaderSettings | None:
+        state = trainer.state
         val_loader = state.val_loader
         if val is None or val_loader is None or rebuildable(val_loader) is not None:
             return None
@@ -269,8 +344,10 @@ class LoaderAutotune(Callback):
         after = decision.settings
         trials = ", ".join(f"{t.settings.describe().split(' (')[0]}: {t.median_rate:.1f}" for t in self.timings)
         change = f"{before.describe()} -> {after.describe()}" if after != before else f"kept {after.describe()}"
-        line = (f"train loader {change}: {decision.reason}; measured samples/s [{trials or 'none'}]; "
-                f"{self.seconds:.1f} s of tuning")
+        line = f"train loader {change}: {decision.reason}; measured samples/s [{trials or 'none'}]"
+        if self.timings:
+            line += (f"; tuned over the first {self.phase_batches} batches ({self.phase_seconds:.1f} s, all of them "
+                     f"trained), costing ~{self.seconds:.2f} s over the chosen setting's speed")
         if self.val_chosen is not None and val_before is not None and val_before != self.val_chosen:
             line += f"; val loader {val_before.describe()} -> {self.val_chosen.describe()} (the same setting)"
         trainer.print(f"adaptrain: {line}")
@@ -291,10 +368,3 @@ class LoaderAutotune(Callback):
         trainer.log_metrics({"loader_num_workers": self.chosen.num_workers,
                              "loader_prefetch_factor": self.chosen.prefetch_factor or 0,
                              "loader_tuning_seconds": round(self.seconds, 3)})
-
-
-def _snapshot(state: Any) -> dict[str, Any]:
-    """``state.snapshot()``, kept on the CPU where the state supports it (no device memory for the copy)."""
-    if "device" in inspect.signature(state.snapshot).parameters:
-        return state.snapshot(device="cpu")
-    return state.snapshot()

@@ -52,7 +52,7 @@ MAX_ROUNDS = 40
 #: its ``min_seconds`` (one pass of 1024 samples lasted 0.1-0.2 s here, too short to rank close settings).
 MEASURE_PASSES = 8
 #: torch warns when a loader has more workers than cores; the tuner measured that it pays, so the warning misleads.
-_WORKER_WARNING = "This DataLoader will create"
+WORKER_WARNING = "This DataLoader will create"
 
 
 class StableDataLoader(DataLoader):
@@ -75,7 +75,7 @@ class StableDataLoader(DataLoader):
             # The draw _BaseDataLoaderIter.__init__ makes and _reset does not: one int64, same generator.
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_WORKER_WARNING, category=UserWarning)
+            warnings.filterwarnings("ignore", message=WORKER_WARNING, category=UserWarning)
             return super().__iter__()
 
 
@@ -83,7 +83,7 @@ def stable_loader(loader: DataLoader, **changes: Any) -> DataLoader:
     """``loader`` rebuilt by :class:`~adaptrain.data.loaders.LoaderSpec` with ``changes``, as a
     :class:`StableDataLoader` (same dataset, sampler, generator, collate and worker setup)."""
     with warnings.catch_warnings():  # more workers than cores: the tuner measured that it pays
-        warnings.filterwarnings("ignore", message=_WORKER_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=WORKER_WARNING, category=UserWarning)
         rebuilt = LoaderSpec.from_loader(loader).build(**changes)
     # LoaderSpec builds a plain DataLoader; the subclass adds no state (it only overrides __iter__), so
     # giving the fresh, never-iterated object the subclass is safe and keeps LoaderSpec the one builder.
@@ -241,7 +241,7 @@ def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, r
     timing = Timing(settings)
     started = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_WORKER_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=WORKER_WARNING, category=UserWarning)
         measure = measurement_loader(loader, settings, batch_size)
         # an epoch decides whether the data set can be timed at all; extra rounds may read further passes,
         # as many as the measurement loader itself holds (its last batch of a pass may be short)

@@ -1,0 +1,291 @@
+"""Loader trials that train: the first epoch's own batches, read by one candidate setting after another.
+
+Worker settings change how batches are *made*, never which batches come or in what order. So the
+trials of :class:`~adaptrain.core.loader_autotune.LoaderAutotune` need not be discarded work:
+:class:`LiveTrialLoader` serves the running epoch its own batches, in its own order, first through a
+loader with one candidate setting, then through the next one, and the loop trains on every one of
+them as it would have. What tuning costs is then only what the candidates lose against the chosen
+setting (a worker start-up each, a slower setting's slower batches), not the trials themselves.
+
+How the order is kept: the epoch's indices are drawn once from the run's own sampler, lazily, as
+a plain loader draws them (its base-seed draw first, then the sampler's on the first batch), and
+handed out by :class:`_Feed` to the loader of the trial running. A loader stopped mid-epoch (to
+try the next setting) gives back the indices its workers fetched but did not deliver, and the next
+loader starts with them. Each trial loader has a generator of its own, so starting one draws
+nothing from the run's RNGs. A seeded run is therefore bit-identical to one that was never tuned
+(for a ``__getitem__`` that draws no randomness of its own inside workers, as everywhere else).
+
+Timing: the time spent inside ``__next__`` is data wait, the time between two calls is the loop's
+compute, the split the loop itself makes. On CUDA the clock read at the start of ``__next__``
+synchronises the device, during timed trials only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import psutil
+import torch
+
+from adaptrain.core.loader_trials import (
+    WORKER_WARNING,
+    StableDataLoader,
+    Timing,
+    TooFewBatches,
+    stop_workers_now,
+    trial_plan,
+)
+from adaptrain.data.loaders import LoaderSpec
+from adaptrain.tuning.loader_tuning import Decision, LoaderSettings
+
+if TYPE_CHECKING:
+    from adaptrain.core.loader_autotune import LoaderSearch
+
+__all__ = ["LiveTrialLoader", "live_trial_loader"]
+
+_END = object()
+
+
+class _Feed:
+    """The epoch's indices (batches of them, or single ones), drawn from the run's sampler as needed and
+    handed to one trial loader at a time, in order. ``_handed`` holds what the current loader took and
+    has not delivered yet: :meth:`take_back` puts it first in line for the next loader."""
+
+    def __init__(self, index_sampler: Any) -> None:
+        self._source: Iterator[Any] = iter(index_sampler)
+        self._returned: deque[Any] = deque()
+        self._handed: deque[Any] = deque()
+        self._view = 0  # the view handing out now; an older view (a stopped loader's) hands out nothing
+
+    def view(self) -> _FeedView:
+        self._view += 1
+        return _FeedView(self, self._view)
+
+    def delivered(self) -> Any:
+        """The loader delivered its oldest undelivered item (loaders deliver in order); returns it."""
+        return self._handed.popleft()
+
+    def take_back(self) -> None:
+        self._returned.extendleft(reversed(self._handed))
+        self._handed.clear()
+
+    def next_item(self, view: int) -> Any:
+        if view != self._view:
+            return _END
+        item = self._returned.popleft() if self._returned else next(self._source, _END)
+        if item is not _END:
+            self._handed.append(item)
+        return item
+
+
+class _FeedView:
+    """What one trial loader samples from: the feed, while that loader is the current one."""
+
+    def __init__(self, feed: _Feed, view: int) -> None:
+        self.feed, self.number = feed, view
+
+    def __iter__(self) -> Iterator[Any]:
+        while (item := self.feed.next_item(self.number)) is not _END:
+            yield item
+
+
+class LiveTrialLoader(StableDataLoader):
+    """The run's train loader for one epoch of tuning: its first ``iter()`` runs the trials of
+    ``search`` over the epoch's own batches (see the module doc); any later one is a plain
+    :class:`~adaptrain.core.loader_trials.StableDataLoader` with the loader's own settings.
+
+    ``on_settled(decision, epoch)`` is called once, when the search settles (at the latest at the epoch's end).
+    """
+
+    search: LoaderSearch
+    on_settled: Callable[[Decision, _TrialEpoch], None]
+    device: torch.device | None
+    used: bool
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.used:
+            return super().__iter__()
+        self.used = True
+        return _TrialEpoch(self)
+
+
+def live_trial_loader(loader: Any, search: LoaderSearch, on_settled: Callable[[Decision, _TrialEpoch], None],
+                      device: torch.device | None = None) -> LiveTrialLoader:
+    """``loader`` rebuilt as it is (same dataset, sampler, generator, collate, settings) as a :class:`LiveTrialLoader`.
+
+    ``device``: synchronise this CUDA device at the trials' clock reads (None: no synchronisation).
+    """
+    live = LoaderSpec.from_loader(loader).build()
+    live.__class__ = LiveTrialLoader  # as stable_loader does: a fresh DataLoader, one overridden method
+    live.search, live.on_settled, live.used = search, on_settled, False
+    live.device = device if device is not None and device.type == "cuda" else None
+    return live
+
+
+class _TrialEpoch:
+    """The iterator of a tuning epoch: trial loaders one after another over one :class:`_Feed`."""
+
+    def __init__(self, loader: LiveTrialLoader) -> None:
+        self.loader, self.search = loader, loader.search
+        # The one draw a fresh DataLoader iterator makes (its workers' base seed), from the same generator:
+        # the run's RNGs move as in a run never tuned. It seeds the trial loaders' own generators.
+        self.base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
+        self.feed = _Feed(loader._index_sampler)
+        self.batches_left = len(loader)
+        self.batches_trained = 0
+        self.started = time.perf_counter()
+        self.settled: Decision | None = None
+        self.trial: _Trial | None = None
+        self.settings: LoaderSettings | None = None
+        self.batches: Iterator[Any] = iter(())
+        self._start(self.search.first, timed_rounds=self.search.first_rounds)
+
+    def __iter__(self) -> _TrialEpoch:
+        return self
+
+    def __next__(self) -> Any:
+        trial = self.trial
+        if trial is not None:
+            now = _clock(self.loader.device)
+            trial.computed(now)
+            if trial.done:
+                self._decide(trial, now)
+        fetch_start = time.perf_counter()
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            if self.settled is None:  # the epoch ended mid-trial: settle on what was measured
+                assert self.settings is not None
+                self._settle(self.search.settle_early(f"the epoch ended in the trial of {self.settings.describe()}"))
+            raise
+        item = self.feed.delivered()
+        self.batches_left -= 1
+        self.batches_trained += 1
+        if self.trial is not None:
+            self.trial.fetched(fetch_start, time.perf_counter(), len(item) if self.loader._auto_collation else 1)
+        return batch
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the epoch's first trial started (training included)."""
+        return time.perf_counter() - self.started
+
+    # ------------------------------------------------------------------ trials
+    def _decide(self, trial: _Trial, now: float) -> None:
+        timing = trial.finish(now)
+        decision = self.search.observe(timing, self.batches_left)
+        if not decision.settled:
+            try:
+                trial_plan(decision.settings, self.batches_left, self.search.rounds)
+            except TooFewBatches:
+                decision = self.search.settle_early(f"{decision.reason.rsplit('; trying', 1)[0]}; "
+                                                    f"{self._too_few(decision.settings)}")
+        if decision.settled:
+            self._settle(decision)
+        else:
+            self._start(decision.settings, timed_rounds=self.search.rounds)
+
+    def _start(self, settings: LoaderSettings, timed_rounds: int | None) -> None:
+        """Stop the current trial loader (its undelivered batches go back to the feed) and start one with
+        ``settings``, timed over ``timed_rounds`` rounds (None: the settled setting, not timed)."""
+        self._stop()
+        self.feed.take_back()
+        self.settings = settings
+        spec = LoaderSpec.from_loader(self.loader)
+        if self.loader._auto_collation:
+            spec = dataclasses.replace(spec, batch_size=None, sampler=None, drop_last=False,
+                                       batch_sampler=self.feed.view())
+        else:
+            spec = dataclasses.replace(spec, sampler=self.feed.view())
+        generator = torch.Generator().manual_seed(self.base_seed)
+        extra = {k: v for k, v in spec.extra.items() if k != "in_order"}  # the feed needs batches in order
+        spec = dataclasses.replace(spec, generator=generator, extra=extra)
+        with warnings.catch_warnings():  # more workers than cores: the tuner measures whether it pays
+            warnings.filterwarnings("ignore", message=WORKER_WARNING, category=UserWarning)
+            self.batches = iter(spec.build(**{**settings.as_dict(), "persistent_workers": False}))
+        self.trial = None
+        if timed_rounds is None:
+            return
+        try:
+            self.trial = _Trial(settings, trial_plan(settings, self.batches_left, timed_rounds), time.perf_counter())
+        except TooFewBatches:
+            self._settle(self.search.settle_early(self._too_few(settings)))
+
+    def _too_few(self, settings: LoaderSettings) -> str:
+        return f"the {self.batches_left} batches left in the epoch are too few to time {settings.describe()}"
+
+    def _settle(self, decision: Decision) -> None:
+        """Apply the settling ``decision``: the rest of the epoch is read with its settings."""
+        self.settled, self.trial = decision, None
+        if _without_persistence(decision.settings) != _without_persistence(self.settings):
+            self._start(decision.settings, timed_rounds=None)
+        self.loader.on_settled(decision, self)
+
+    def _stop(self) -> None:
+        stop_workers_now(self.batches)
+
+    def _shutdown_workers(self) -> None:
+        """What the loop calls on an exception (``data.loaders.shutdown_workers``): stop the trial loader's workers."""
+        self._stop()
+
+
+def _without_persistence(settings: LoaderSettings | None) -> LoaderSettings | None:
+    return dataclasses.replace(settings, persistent_workers=False) if settings is not None else None
+
+
+class _Trial:
+    """The clock of one trial: a warm-up (worker start-up), then ``rounds`` timed rounds of ``per_round``
+    batches each, as in :func:`~adaptrain.core.loader_trials.time_trial`."""
+
+    def __init__(self, settings: LoaderSettings, plan: tuple[int, int, int], started: float) -> None:
+        self.timing = Timing(settings)
+        self.warmup, self.per_round, self.rounds = plan
+        self.started = started
+        self.count = 0
+        self._pending: tuple[float, float, int] | None = None  # (fetch start, fetched, samples) of the last batch
+        self._round = [0.0, 0.0, 0]  # data wait, compute, samples of the round under way
+
+    def fetched(self, fetch_start: float, fetched: float, samples: int) -> None:
+        self._pending = (fetch_start, fetched, samples)
+
+    def computed(self, end: float) -> None:
+        """The batch last fetched was trained until ``end``."""
+        if self._pending is None:
+            return
+        fetch_start, fetched, samples = self._pending
+        self._pending = None
+        self.count += 1
+        timing = self.timing
+        if self.count <= self.warmup:
+            if self.count == self.warmup:
+                timing.warmup_seconds, timing.warmup_batches = end - self.started, self.warmup
+            return
+        data, compute, counted = self._round
+        self._round = [data + fetched - fetch_start, compute + end - fetched, counted + samples]
+        if (self.count - self.warmup) % self.per_round == 0:
+            data, compute, counted = self._round
+            timing.data_time += data
+            timing.compute_time += compute
+            timing.samples += counted
+            timing.batches += self.per_round
+            timing.rates.append(counted / max(data + compute, 1e-9))
+            self._round = [0.0, 0.0, 0]
+
+    @property
+    def done(self) -> bool:
+        return len(self.timing.rates) >= self.rounds
+
+    def finish(self, now: float) -> Timing:
+        self.timing.seconds = now - self.started
+        self.timing.ram_fraction = psutil.virtual_memory().percent / 100  # with this trial's workers alive
+        return self.timing
+
+
+def _clock(cuda: torch.device | None) -> float:
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)  # the step's kernels are done: compute time is compute, not queueing
+    return time.perf_counter()
