@@ -363,8 +363,11 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
     if HAS_ADAPTATIONS:
         (entry,) = trainer.state.history.adaptations
         assert entry["kind"] == "loader" and entry["after"] == chosen and entry["before"]["num_workers"] == 0
-        # decided in epoch 1 after its trials: the given loader's 3 batches, 4 + 6 + 8 for the others
-        assert entry["epoch"] == 1 and entry["step"] == tune.phase_batches == 3 + 4 + 8 + 8
+        # Decided in epoch 1 after its trials: the given loader's 3 batches; 2 workers: 2 warm-up + 2 timed;
+        # 4 workers: first the 2 x 2 batches the replaced loader had in flight (a loader keeps workers x
+        # prefetch batches requested), then 4 + 4; prefetch 4: 4 x 2 in flight, then 4 + 4.
+        assert entry["epoch"] == 1 and entry["step"] == tune.phase_batches == 3 + 4 + (4 + 8) + (8 + 8)
+        assert [t["seconds"] > 0 for t in entry["trials"]] == [True] * 4
         assert len(entry["trials"]) == 4 and entry["reason"] in line
         assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # the tuner's verdicts
 
