@@ -209,7 +209,7 @@ def report(label, settings, rates, tuned, weights, load) -> None:
     per_round = [a / max(rates[s][i] for s in statics) for i, a in enumerate(rates["auto"])]
     print(f"\n{label}: tuned / best static = {ratio:.3f} (goal >= {goal}: {'met' if ratio >= goal else 'NOT met'});"
           f" per round against that round's best static: {', '.join(f'{x:.3f}' for x in per_round)}")
-    for tuner, seconds, samples in tuned:
+    for tuner, seconds, _samples in tuned:
         trials = ", ".join(f"{t.settings.num_workers}w/pf{t.settings.prefetch_factor}: {t.samples_per_s:.0f}"
                            for t in tuner.timings)
         print(f"  tuned run: chose {tuner.chosen.describe()}; trials [{trials}] over its first "

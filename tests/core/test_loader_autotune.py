@@ -187,7 +187,7 @@ def one_cycle(opt, total_steps):
 
 def test_a_tuning_epoch_that_switches_loaders_trains_exactly_the_batches_of_a_run_never_tuned(monkeypatch):
     """Given no workers, then 1, then 2, then back to 1 (fixed measurements decide, batches are real):
-    every switch stops a loader whose workers had fetched ahead, and their batches must come next,
+    every switch replaces a loader whose workers had fetched ahead, and their batches must come next,
     once. No generator anywhere: the shuffle and the base-seed draws use the global RNG, which dropout
     uses too, so a draw too many or too few would change the weights."""
     train_set = data.classification(320)
