@@ -150,7 +150,7 @@ def sample_cost_ms(dataset, count=100) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --long)")
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the data-bound runs")
     parser.add_argument("--compute-epochs", type=int, default=3, help="epochs of the compute-bound runs")
@@ -163,7 +163,9 @@ def main() -> None:
                         help="data-bound only, 8 epochs (runs 4x longer), against the worker settings only")
     args = parser.parse_args()
     if args.long:
-        args.only, args.epochs, args.rounds = "data-bound", 8, 1
+        args.only, args.epochs = "data-bound", 8
+    if args.rounds is None:
+        args.rounds = 1 if args.long else 3
     if args.quick:
         args.rounds, args.samples, args.epochs, args.compute_epochs = 1, 1024, 2, 2
     torch.set_num_threads(args.threads)

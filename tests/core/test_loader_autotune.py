@@ -164,7 +164,7 @@ class Snapshot(Callback):
         self.taken = {
             "params": [p.detach().clone() for p in trainer.model.parameters()],
             "optimizer": copy.deepcopy(state.optimizer.state_dict()),
-            "scheduler": copy.deepcopy(state.scheduler.state_dict()),
+            "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
             "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(), "python": random.getstate(),
             "counters": state.counters(), "lr": state.lr,
         }
@@ -274,6 +274,72 @@ def test_trial_plan_needs_a_warm_up_round_and_one_timed_round():
         trial_plan(LoaderSettings(3), batches=5, rounds=3)
 
 
+class EagerBatches:
+    """A batch sampler that draws its whole order in ``__iter__`` (not lazily), with no ``__len__``."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __iter__(self):
+        order = torch.randperm(self.n).tolist()  # the global RNG, at iter() time
+        return iter([order[i:i + self.size] for i in range(0, self.n, self.size)])
+
+
+class WholeBatches(torch.utils.data.Dataset):
+    """A data set whose items are whole batches (a loader with ``batch_size=None``)."""
+
+    def __init__(self, batches: int = 12, size: int = 8) -> None:
+        data_set = data.classification(batches * size)
+        self.items = [(data_set.tensors[0][i * size:(i + 1) * size], data_set.tensors[1][i * size:(i + 1) * size])
+                      for i in range(batches)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+@pytest.mark.parametrize("make_loader", [
+    lambda: DataLoader(data.classification(96), batch_sampler=EagerBatches(96, 8)),
+    lambda: DataLoader(WholeBatches(), batch_size=None, shuffle=True),
+], ids=["eager batch sampler without len", "batch_size=None"])
+def test_loaders_of_other_shapes_train_as_a_run_never_tuned(monkeypatch, make_loader):
+    """A sampler that draws at iter() (torch calls iter() of the sampler before its base-seed draw) and a
+    loader that does not batch: the same batches and RNG state as without tuning, real measurements."""
+    start_at(monkeypatch, workers=0, max_workers=0)
+    runs = []
+    for tuned in (False, True):
+        batches, snapshot = Batches(), Snapshot()
+        callbacks = [batches, snapshot] + ([LoaderAutotune()] if tuned else [])
+        trainer = make_trainer(callbacks=callbacks, max_epochs=2, auto_num_workers=tuned)
+        trainer.fit(make_loader())
+        runs.append((batches.seen, snapshot.taken, callbacks[2:]))
+    (seen_a, a, _), (seen_b, b, tune) = runs
+    assert len(seen_a) == len(seen_b) == 24 and all(torch.equal(x, y) for x, y in zip(seen_a, seen_b))
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])) and torch.equal(a["torch"], b["torch"])
+    timing = tune[0].timings[0]
+    assert timing.samples == 8 * timing.batches  # samples, not batches, also when the data set batches
+
+
+def test_a_train_phase_cancelled_mid_trial_gives_the_loader_back_and_the_next_epoch_tunes(monkeypatch, capsys):
+    start_at(monkeypatch, workers=0, max_workers=0)
+
+    class CancelFirstEpoch(Callback):
+        def after_batch(self, trainer):
+            if trainer.state.epoch == 0 and trainer.state.batch_idx == 2:  # inside the first trial (7 batches)
+                raise CancelTrainException()
+
+    original = shuffled(data.classification(96))
+    tune = LoaderAutotune()
+    trainer = make_trainer(callbacks=[tune, CancelFirstEpoch()], auto_num_workers=True, max_epochs=2)
+    trainer.fit(original)
+    out = capsys.readouterr().out
+    assert "loader tuning interrupted (the epoch's train phase was cancelled); tuning again in the next epoch" in out
+    assert tune.chosen is not None and "kept num_workers=0" in out  # tuned in epoch 2
+    assert trainer.state.train_loader is original
+
+
 # ---------------------------------------------------------------- the search's decisions (pure)
 def search_from(given: LoaderSettings, start_workers: int = 2, max_workers: int = 4, **options):
     start = StartingPoint(LoaderSettings(start_workers, 2, persistent_workers=True), max_workers, "test")
@@ -342,7 +408,7 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
     rates = {(0, None): 60.0, (2, 2): 100.0, (4, 2): 180.0, (4, 4): 182.0}
     asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
     val = DataLoader(data.classification(32), batch_size=16)
-    trainer, tune, metrics = tuned_fit(shuffled(data.classification(320)), val, max_epochs=2, budget=0, rounds=1)
+    trainer, tune, metrics = tuned_fit(shuffled(data.classification(640)), val, max_epochs=2, budget=0, rounds=1)
 
     # the loader as given first (no workers to start), then the tuner from the hardware start
     assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (2, 2), (4, 2), (4, 4)]
@@ -365,8 +431,9 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
         assert entry["kind"] == "loader" and entry["after"] == chosen and entry["before"]["num_workers"] == 0
         # Decided in epoch 1 after its trials: the given loader's 3 batches; 2 workers: 2 warm-up + 2 timed;
         # 4 workers: first the 2 x 2 batches the replaced loader had in flight (a loader keeps workers x
-        # prefetch batches requested), then 4 + 4; prefetch 4: 4 x 2 in flight, then 4 + 4.
-        assert entry["epoch"] == 1 and entry["step"] == tune.phase_batches == 3 + 4 + (4 + 8) + (8 + 8)
+        # prefetch batches requested), then a warm-up as deep as its own stock (4 x 2), then 4 timed;
+        # prefetch 4: the 4 x 2 in flight, a warm-up of 4 x 4, 4 timed.
+        assert entry["epoch"] == 1 and entry["step"] == tune.phase_batches == 3 + 4 + (4 + 8 + 4) + (8 + 16 + 4)
         assert [t["seconds"] > 0 for t in entry["trials"]] == [True] * 4
         assert len(entry["trials"]) == 4 and entry["reason"] in line
         assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # the tuner's verdicts

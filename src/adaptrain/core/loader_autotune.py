@@ -56,7 +56,8 @@ class LoaderSearch:
 
     The budget: a trial whose estimated cost (the last trial's worker start-up beyond its batches'
     steady time, scaled by the worker count) would take the tuning's cost so far past ``budget`` of
-    the run (what is left of it at the best measured speed, plus what has run) is not started.
+    the run (what is left of it at the best measured speed, plus what has run) is not started. The
+    first trial with workers always runs: a trial without workers has no start-up to scale from.
 
     Args:
         given: the loader's settings as the user gave them.
@@ -88,8 +89,9 @@ class LoaderSearch:
         self.first = given if self._timing_given else start.settings
         self.first_rounds = 1 if self._timing_given else rounds
 
-    def observe(self, timing: Timing, batches_left: int) -> Decision:
-        """The next step after ``timing``; ``batches_left``: the tuning epoch's batches not yet trained."""
+    def observe(self, timing: Timing, batches_left: int | None) -> Decision:
+        """The next step after ``timing``; ``batches_left``: the tuning epoch's batches not yet trained
+        (None: unknown, a loader without a length; then no budget applies: the run's length is unknown)."""
         self.timings.append(timing)
         if self._timing_given and self.baseline is None:
             self.baseline = timing
@@ -141,10 +143,10 @@ class LoaderSearch:
     def _fastest(self) -> Timing | None:
         return max(self.timings, key=lambda t: t.median_rate) if self.timings else None
 
-    def _over_budget(self, candidate: LoaderSettings, batches_left: int) -> str | None:
+    def _over_budget(self, candidate: LoaderSettings, batches_left: int | None) -> str | None:
         """Why the next trial would take tuning past its budget, or None when it fits."""
         fastest = self._fastest()
-        if not self.budget or fastest is None:
+        if not self.budget or fastest is None or batches_left is None:
             return None
         per_batch = fastest.seconds_per_batch
         left = (batches_left + self.later_batches) * per_batch
@@ -175,7 +177,8 @@ class LoaderAutotune(Callback):
         tune_val: give a DataLoader val loader the train loader's chosen setting too.
 
     After ``fit``: :attr:`chosen` (the settings), :attr:`timings` (one per trial), :attr:`seconds`
-    (what tuning cost: the trials' time beyond their batches at the chosen speed),
+    (what tuning cost: the trials' time beyond their batches at the chosen speed; the chosen
+    loader's own pool starts, which a static run pays too, are not counted),
     :attr:`phase_seconds` and :attr:`phase_batches` (the trials' span, all of it trained), :attr:`start`
     (the hardware starting point and its reason).
 
@@ -269,6 +272,19 @@ class LoaderAutotune(Callback):
                                                        lambda decision, epoch: self._settled(trainer, decision, epoch),
                                                        trainer.device))
 
+    def after_train(self, trainer: Trainer) -> None:
+        """The tuning epoch's train phase is over: its trial loaders stop. A phase cancelled before the
+        search settled leaves no half-tuned loader: the given one is back, and the next fresh epoch tunes."""
+        state, live = trainer.state, trainer.state.train_loader
+        if not isinstance(live, LiveTrialLoader) or live.epoch is None:
+            return
+        live.epoch._shutdown_workers()  # a cancelled phase leaves them mid-epoch; after a full one, a no-op
+        if not live.settled:
+            trainer.replace_train_loader(self._original)
+            self._pending = state.epoch + 1 < state.max_epochs
+            trainer.print("adaptrain: loader tuning interrupted (the epoch's train phase was cancelled); "
+                          + ("tuning again in the next epoch" if self._pending else "the loader as given"))
+
     def after_fit(self, trainer: Trainer) -> None:
         self._finish(trainer)
         self._stop_workers(trainer)
@@ -284,6 +300,8 @@ class LoaderAutotune(Callback):
         if self._replacement is not None and state.next_train_loader is self._replacement:
             trainer.replace_train_loader(self._replacement)
         elif isinstance(state.train_loader, LiveTrialLoader) and self._original is not None:
+            if state.train_loader.epoch is not None:
+                state.train_loader.epoch._shutdown_workers()
             trainer.replace_train_loader(self._original)
         self._original = self._replacement = None
 
@@ -315,8 +333,12 @@ class LoaderAutotune(Callback):
         self.phase_seconds, self.phase_batches = epoch.seconds, epoch.batches_trained
         given = self.search.given
         chosen = decision.settings
-        self._replacement = (self._original if chosen == given
-                             else stable_loader(self._original, **chosen.as_dict()))
+        # Another callback's loader already waiting for the next epoch (a new batch size) is the one rebuilt.
+        pending = trainer.state.next_train_loader
+        base = pending if pending is not None and rebuildable(pending) is None else self._original
+        # The given loader itself only when it has no workers: a persistent one needs StableDataLoader's draw.
+        keep = base is self._original and chosen == given and given.num_workers == 0
+        self._replacement = base if keep else stable_loader(base, **chosen.as_dict())
         trainer.replace_train_loader(self._replacement)  # mid-epoch: from the next epoch on
         val_before = self._apply_val(trainer, chosen if self.tune_val else None)
         self.chosen = chosen

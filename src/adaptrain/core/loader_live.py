@@ -8,7 +8,8 @@ them as it would have. What tuning costs is then only what the candidates lose a
 setting (a worker start-up each, a slower setting's slower batches), not the trials themselves.
 
 How the order is kept: the epoch's indices are drawn once from the run's own sampler, lazily, as
-a plain loader draws them (its base-seed draw first, then the sampler's on the first batch), and
+a plain loader draws them (``iter()`` of its sampler, its one base-seed draw, then the sampler's
+draws from the first batch on), and
 handed out by :class:`_Feed` to the loader of the trial running. A loader replaced mid-epoch (to
 try the next setting) takes no more indices, delivers the batches its workers already fetched
 (they come next, while the new loader's workers start), then ends its workers. Each trial loader
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import psutil
 import torch
 
+from adaptrain.core.batching import batch_size_of, unpack_batch
 from adaptrain.core.loader_trials import (
     WORKER_WARNING,
     StableDataLoader,
@@ -40,7 +42,7 @@ from adaptrain.core.loader_trials import (
     stop_workers_now,
     trial_plan,
 )
-from adaptrain.data.loaders import LoaderSpec
+from adaptrain.data.loaders import LoaderSpec, loader_length
 from adaptrain.tuning.loader_tuning import Decision, LoaderSettings
 
 if TYPE_CHECKING:
@@ -64,6 +66,11 @@ class _Feed:
     def view(self) -> _FeedView:
         self._view += 1
         return _FeedView(self, self._view)
+
+    @property
+    def in_flight(self) -> int:
+        """Items loaders took and have not delivered yet."""
+        return len(self._handed)
 
     def delivered(self) -> Any:
         """A loader delivered the oldest undelivered item; returns it."""
@@ -94,19 +101,24 @@ class LiveTrialLoader(StableDataLoader):
     ``search`` over the epoch's own batches (see the module doc); any later one is a plain
     :class:`~adaptrain.core.loader_trials.StableDataLoader` with the loader's own settings.
 
-    ``on_settled(decision, epoch)`` is called once, when the search settles (at the latest at the epoch's end).
+    ``on_settled(decision, epoch)`` is called once, when the search settles (at the latest when the
+    epoch's batches run out; an epoch cancelled before that never settles: :attr:`settled` says so).
     """
 
     search: LoaderSearch
     on_settled: Callable[[Decision, _TrialEpoch], None]
     device: torch.device | None
-    used: bool
+    epoch: _TrialEpoch | None
 
     def __iter__(self) -> Iterator[Any]:
-        if self.used:
+        if self.epoch is not None:
             return super().__iter__()
-        self.used = True
-        return _TrialEpoch(self)
+        self.epoch = _TrialEpoch(self)
+        return self.epoch
+
+    @property
+    def settled(self) -> bool:
+        return self.epoch is not None and self.epoch.settled is not None
 
 
 def live_trial_loader(loader: Any, search: LoaderSearch, on_settled: Callable[[Decision, _TrialEpoch], None],
@@ -117,7 +129,7 @@ def live_trial_loader(loader: Any, search: LoaderSearch, on_settled: Callable[[D
     """
     live = LoaderSpec.from_loader(loader).build()
     live.__class__ = LiveTrialLoader  # as stable_loader does: a fresh DataLoader, one overridden method
-    live.search, live.on_settled, live.used = search, on_settled, False
+    live.search, live.on_settled, live.epoch = search, on_settled, None
     live.device = device if device is not None and device.type == "cuda" else None
     return live
 
@@ -127,11 +139,14 @@ class _TrialEpoch:
 
     def __init__(self, loader: LiveTrialLoader) -> None:
         self.loader, self.search = loader, loader.search
-        # The one draw a fresh DataLoader iterator makes (its workers' base seed), from the same generator:
-        # the run's RNGs move as in a run never tuned. It seeds the trial loaders' own generators.
-        self.base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
+        # What a fresh DataLoader iterator does, in its order: iter() of its index sampler, then one draw
+        # (its workers' base seed) from the loader's generator or the global RNG. The run's RNGs move as in
+        # a run never tuned. The draw seeds the trial loaders' own generator, one for all of them, so
+        # each trial's workers get seeds of their own.
         self.feed = _Feed(loader._index_sampler)
-        self.batches_left = len(loader)
+        base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
+        self.generator = torch.Generator().manual_seed(base_seed)
+        self.batches_left = loader_length(loader)  # not yet delivered (None: the loader has no length)
         self.batches_trained = 0
         self.started = time.perf_counter()
         self.settled: Decision | None = None
@@ -139,7 +154,11 @@ class _TrialEpoch:
         self.settings: LoaderSettings | None = None
         self.batches: Iterator[Any] = iter(())
         self.draining: deque[Iterator[Any]] = deque()  # earlier loaders, delivering what they fetched
-        self._start(self.search.first, timed_rounds=self.search.first_rounds)
+        try:
+            self._start(self.search.first, timed_rounds=self.search.first_rounds)
+        except BaseException:
+            self._shutdown_workers()  # the loop's own clean-up never sees an iterator that failed to start
+            raise
 
     def __iter__(self) -> _TrialEpoch:
         return self
@@ -163,13 +182,22 @@ class _TrialEpoch:
                 self._settle(self.search.settle_early(f"the epoch ended in the trial of {self.settings.describe()}"))
             raise
         item = self.feed.delivered()
-        self.batches_left -= 1
+        if self.batches_left is not None:
+            self.batches_left -= 1
         self.batches_trained += 1
         if self.trial is not None and drained:
             self.trial.drained += 1
         elif self.trial is not None:
-            self.trial.fetched(fetch_start, time.perf_counter(), len(item) if self.loader._auto_collation else 1)
+            self.trial.fetched(fetch_start, time.perf_counter(), self._samples(item, batch))
         return batch
+
+    def _samples(self, indices: Any, batch: Any) -> int:
+        if self.loader._auto_collation:
+            return len(indices)
+        try:  # batch_size=None: the data set yields whole batches
+            return batch_size_of(*unpack_batch(batch, "train_loader"))
+        except Exception:  # noqa: BLE001 - a structure the loop itself will name; here it only weighs a rate
+            return 1
 
     def _drained_batch(self) -> Any:
         """The next batch an earlier loader had fetched, else ``_END``: they come first, in order."""
@@ -185,13 +213,32 @@ class _TrialEpoch:
         """Wall time since the epoch's first trial started (training included)."""
         return time.perf_counter() - self.started
 
+    @property
+    def untaken(self) -> int | None:
+        """The epoch's batches no loader has taken yet (None: unknown)."""
+        return None if self.batches_left is None else self.batches_left - self.feed.in_flight
+
     # ------------------------------------------------------------------ trials
+    def _plan(self, settings: LoaderSettings, rounds: int) -> tuple[int, int, int]:
+        """(warm-up, batches a round, rounds) over the batches not taken yet; :class:`TooFewBatches` if too few.
+
+        After a switch the new loader's workers start while the replaced loader's batches are trained,
+        and stock up to ``num_workers x prefetch_factor`` batches ahead. Its warm-up then covers that
+        stock: timed rounds served from it would make a data-bound setting look faster than it is.
+        """
+        stock = settings.num_workers * (settings.prefetch_factor or 2) if self.feed.in_flight else 0
+        per_round = max(settings.num_workers, 2)
+        extra = max(stock - per_round, 0) if settings.num_workers else 0
+        untaken = self.untaken
+        warmup, per_round, rounds = trial_plan(settings, None if untaken is None else untaken - extra, rounds)
+        return warmup + extra, per_round, rounds
+
     def _decide(self, trial: _Trial, now: float) -> None:
         timing = trial.finish(now)
         decision = self.search.observe(timing, self.batches_left)
         if not decision.settled:
             try:
-                trial_plan(decision.settings, self.batches_left, self.search.rounds)
+                self._plan(decision.settings, self.search.rounds)
             except TooFewBatches:
                 decision = self.search.settle_early(f"{decision.reason.rsplit('; trying', 1)[0]}; "
                                                     f"{self._too_few(decision.settings)}")
@@ -203,10 +250,17 @@ class _TrialEpoch:
     def _start(self, settings: LoaderSettings, timed_rounds: int | None) -> None:
         """Start a trial loader with ``settings``, timed over ``timed_rounds`` rounds (None: the settled
         setting, not timed). The current loader is sampled no more; it delivers the batches its workers
-        already fetched (they come next, and are this trial's warm-up), then ends its workers. Killing
-        them instead would throw their work away: measured, on 2 cores that cost more than it saved.
-        The trial's clock starts at the switch: what the switch costs is the trial's."""
+        already fetched (they come next, before this trial's warm-up), then ends its workers. Killing
+        them instead would throw their work away. The trial's clock starts at the switch: what the
+        switch costs is the trial's."""
         started = time.perf_counter()
+        plan = None
+        if timed_rounds is not None:
+            try:
+                plan = self._plan(settings, timed_rounds)
+            except TooFewBatches:
+                self._settle(self.search.settle_early(self._too_few(settings)))
+                return
         self.draining.append(self.batches)
         self.settings = settings
         spec = LoaderSpec.from_loader(self.loader)
@@ -215,32 +269,30 @@ class _TrialEpoch:
                                        batch_sampler=self.feed.view())
         else:
             spec = dataclasses.replace(spec, sampler=self.feed.view())
-        generator = torch.Generator().manual_seed(self.base_seed)
         extra = {k: v for k, v in spec.extra.items() if k != "in_order"}  # the feed needs batches in order
-        spec = dataclasses.replace(spec, generator=generator, extra=extra)
+        spec = dataclasses.replace(spec, generator=self.generator, extra=extra)
         with warnings.catch_warnings():  # more workers than cores: the tuner measures whether it pays
             warnings.filterwarnings("ignore", message=WORKER_WARNING, category=UserWarning)
             self.batches = iter(spec.build(**{**settings.as_dict(), "persistent_workers": False}))
-        self.trial = None
-        if timed_rounds is None:
-            return
-        try:
-            self.trial = _Trial(settings, trial_plan(settings, self.batches_left, timed_rounds), started)
-        except TooFewBatches:
-            self._settle(self.search.settle_early(self._too_few(settings)))
+        self.trial = _Trial(settings, plan, started) if plan is not None else None
 
     def _too_few(self, settings: LoaderSettings) -> str:
-        return f"the {self.batches_left} batches left in the epoch are too few to time {settings.describe()}"
+        return f"the {self.untaken} batches left in the epoch are too few to time {settings.describe()}"
 
     def _settle(self, decision: Decision) -> None:
-        """Apply the settling ``decision``: the rest of the epoch is read with its settings."""
+        """Apply the settling ``decision``: the rest of the epoch is read with its settings, unless so little
+        is left that a new pool would cost more than it could bring (the current loader reads it)."""
         self.settled, self.trial = decision, None
-        if _without_persistence(decision.settings) != _without_persistence(self.settings):
+        untaken = self.untaken
+        few = untaken is not None and untaken < 2 * max(decision.settings.num_workers, 1)
+        changed = _without_persistence(decision.settings) != _without_persistence(self.settings)
+        if self.settings is None or (changed and not few):
             self._start(decision.settings, timed_rounds=None)
         self.loader.on_settled(decision, self)
 
     def _shutdown_workers(self) -> None:
-        """The loop calls it on an exception (``data.loaders.shutdown_workers``): stop every trial loader's workers."""
+        """Stop every trial loader's workers now (the loop calls it on an exception, the callback after a
+        cancelled epoch)."""
         for batches in (*self.draining, self.batches):
             stop_workers_now(batches)
         self.draining.clear()

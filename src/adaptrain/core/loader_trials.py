@@ -1,8 +1,11 @@
-"""What :class:`~adaptrain.core.loader_autotune.LoaderAutotune` needs from the machine and from torch.
+"""What loader tuning needs from the machine and from torch.
 
 * :func:`hardware_start`: the tuner's starting point read from this machine (the CPU cores this
   process may use, the local ranks sharing them, free RAM, CUDA).
-* :func:`time_trial`: real training steps (``trainer.run_step``) on batches from a *measurement*
+* :class:`Timing` and :func:`trial_plan`: one trial's measurement and its warm-up/rounds plan, shared
+  by the live trials of :mod:`adaptrain.core.loader_live` (``auto_num_workers``) and :func:`time_trial`.
+* :func:`time_trial` (``trainer.tune`` / ``auto=True``, whose trials are undone): real training steps
+  (``trainer.run_step``) on batches from a *measurement*
   loader built with the candidate settings over the same data set, in sequential order and with a
   generator of its own, so the run's sampler, its generator and its sample order are never touched.
   Data wait and compute are timed apart, as the loop does; on CUDA the clock reads synchronise the

@@ -197,7 +197,8 @@ class Trainer(TrainingLoop):
     @property
     def loader_settings(self) -> dict[str, Any]:
         """The train loader's ``num_workers``, ``prefetch_factor``, ``pin_memory``, ``persistent_workers``
-        as they are now (after ``auto_num_workers`` tuning, the chosen ones); {} before a loader is given."""
+        as they are now (after ``auto_num_workers`` tuning, the chosen ones; during its tuning epoch, the
+        given ones); {} before a loader is given."""
         return loader_settings(self.state.train_loader)
 
     @property
