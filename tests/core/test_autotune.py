@@ -154,12 +154,14 @@ def test_auto_does_not_tune_a_run_whose_budget_buys_fewer_than_two_trials(capsys
     history = trainer.fit(_loader())
     report = trainer.autotune.report
     assert report.trials == [] and report.chosen == report.original and not report.changes()
-    assert "buys fewer than 2 trials" in report.notes[0] and "auto: not tuned: the expected" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "buys fewer than 2 trials" in report.notes[0] and "auto: not tuned: the expected" in out
+    assert "adaptrain: train loader " in out  # the loader is still tuned, live: those trials train
     auto = [a for a in history.adaptations if a["kind"] == "auto"]  # the decision is recorded, as any other
     assert len(auto) == 1 and auto[0]["before"] == auto[0]["after"] and auto[0]["trials"] == []
     assert trainer.batch_size == 32 and trainer.precision.name == "32"
     for a, b in zip(trainer.model.state_dict().values(), plain.model.state_dict().values()):
-        assert torch.equal(a, b)  # the warm-up was undone: the run is the one without auto
+        assert torch.equal(a, b)  # the warm-up was undone, the loader's trials trained: the run without auto
     trainer.state.max_epochs = 3
     trainer.fit(_loader())  # fit again: a decision not to tune is no choice to re-apply
     assert trainer.autotune.applied is False and trainer.batch_size == 32
@@ -339,3 +341,12 @@ def test_a_trial_far_slower_than_the_best_so_far_stops_after_one_timed_round():
     full = time_trial(trainer, _loader(), LoaderSettings(0), rounds=3, give_up_below=0.0)
     trainer.state.restore(saved)
     assert len(hopeless.rates) == 1 and len(full.rates) == 3
+
+
+def test_auto_on_a_loader_it_cannot_rebuild_trains_as_given_and_says_why(capsys):
+    batches = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(4)]  # a list, not a DataLoader
+    trainer = _trainer(auto=True)
+    trainer.fit(batches)  # neither auto's search nor its loader tuning may raise: auto sets nothing
+    out = capsys.readouterr().out
+    assert "auto tuning skipped" in out and "loader tuning skipped: the train loader is a list" in out
+    assert trainer.state.global_step == 4

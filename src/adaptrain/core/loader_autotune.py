@@ -175,6 +175,8 @@ class LoaderAutotune(Callback):
             measured speed, plus what has run): a trial that would pass it is not started, and the
             best setting so far is kept; 0 turns the limit off.
         tune_val: give a DataLoader val loader the train loader's chosen setting too.
+        required: a train loader that cannot be tuned is a :class:`~adaptrain.ConfigError` (False: a
+            line says tuning is skipped; what ``Trainer(auto=True)`` adds).
 
     After ``fit``: :attr:`chosen` (the settings), :attr:`timings` (one per trial), :attr:`seconds`
     (what tuning cost: the trials' time beyond their batches at the chosen speed; the chosen
@@ -189,13 +191,15 @@ class LoaderAutotune(Callback):
 
     order = -90  # before every other callback's before_fit/before_train: they see the loader the run trains with
 
-    def __init__(self, max_trials: int = 4, rounds: int = 3, budget: float = 0.05, tune_val: bool = True) -> None:
+    def __init__(self, max_trials: int = 4, rounds: int = 3, budget: float = 0.05, tune_val: bool = True,
+                 required: bool = True) -> None:
         for name, value in (("max_trials", max_trials), ("rounds", rounds)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"LoaderAutotune({name}=...)", f"is {value!r}; expected an int >= 1.")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
             raise ConfigError("LoaderAutotune(budget=...)", f"is {budget!r}; expected a fraction in [0, 1].")
         self.max_trials, self.rounds, self.budget, self.tune_val = max_trials, rounds, float(budget), bool(tune_val)
+        self.required = bool(required)
         self.chosen: LoaderSettings | None = None
         self.val_chosen: LoaderSettings | None = None
         self.start: StartingPoint | None = None
@@ -238,6 +242,10 @@ class LoaderAutotune(Callback):
     def before_fit(self, trainer: Trainer) -> None:
         self._pending = False
         if trainer.autotune.applied:  # Trainer(auto=True) measured the workers with everything else
+            return
+        problem = rebuildable(trainer.state.train_loader)
+        if problem is not None and not self.required:
+            trainer.print(f"adaptrain: loader tuning skipped: the train loader is {problem}")
             return
         self.check(trainer)
         state = trainer.state

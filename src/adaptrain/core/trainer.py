@@ -88,7 +88,8 @@ class Trainer(TrainingLoop):
         auto: set nothing else: at the start of ``fit``, measure short real trials over precision,
             channels-last, batch size (LR rescaled), micro-batch, loader workers/prefetch/pinning and
             ``torch.compile`` within 5% of the expected run, apply the fastest and record why
-            (:meth:`tune` does the same search without applying it).
+            (:meth:`tune` does the same search without applying it). A run too short for that search
+            still gets its loader workers tuned as ``auto_num_workers`` does (trials that train).
         channels_last: keep weights and 4-D inputs in channels-last (NHWC) format, which 2-D
             convolutions often run faster on.
 
@@ -161,8 +162,10 @@ class Trainer(TrainingLoop):
         callbacks = list(callbacks or [])
         if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
-        if auto_num_workers and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
-            callbacks.append(LoaderAutotune())
+        if (auto_num_workers or auto) and not any(isinstance(cb, LoaderAutotune) for cb in callbacks):
+            # With auto alone it acts only where auto's search did not measure the loader (a run too short
+            # for a search still gets its workers tuned: those trials train), and never raises.
+            callbacks.append(LoaderAutotune(required=bool(auto_num_workers)))
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState(model=self.model, optimizer=optimizer, device=self.device, precision=self.precision,
                                 train_sums=RunningSums(self.metric_specs, self.device), callbacks=self.callbacks,
