@@ -194,7 +194,7 @@ def test_a_tuning_epoch_that_switches_loaders_trains_exactly_the_batches_of_a_ru
 
     def fit(tuned: bool):
         batches, snapshot = Batches(), Snapshot()
-        callbacks = [batches, snapshot] + ([LoaderAutotune(rounds=1, budget=0)] if tuned else [])
+        callbacks = [batches, snapshot] + ([LoaderAutotune(rounds=1, budget=0, trial_share=0)] if tuned else [])
         trainer = make_trainer(callbacks=callbacks, max_epochs=2, scheduler=one_cycle,
                                auto_num_workers=tuned)
         trainer.fit(DataLoader(train_set, batch_size=8, shuffle=True))
@@ -385,6 +385,14 @@ def test_the_budget_stops_a_trial_whose_start_up_the_rest_of_the_run_cannot_repa
     assert not decision.settled and decision.settings.num_workers == 4
 
 
+def test_a_trial_times_a_share_of_the_run_left_once_a_speed_is_known():
+    search = search_from(LoaderSettings(0), later_batches=900, trial_share=0.01)
+    assert search.min_trial_seconds(100) == 0.0  # nothing measured yet: the planned rounds only
+    search.observe(fixed_timing(LoaderSettings(0), 80.0), batches_left=100)  # 0.1 s a batch
+    assert search.min_trial_seconds(100) == pytest.approx(0.01 * 1000 * 0.1)
+    assert search_from(LoaderSettings(0), trial_share=0).min_trial_seconds(100) == 0.0
+
+
 def test_tuning_cost_is_the_trials_time_beyond_their_batches_at_the_chosen_speed():
     search = search_from(LoaderSettings(0))
     slow = fixed_timing(LoaderSettings(0), 50.0, start_up=0.0)  # 6 batches in 0.96 s
@@ -408,7 +416,8 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
     rates = {(0, None): 60.0, (2, 2): 100.0, (4, 2): 180.0, (4, 4): 182.0}
     asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
     val = DataLoader(data.classification(32), batch_size=16)
-    trainer, tune, metrics = tuned_fit(shuffled(data.classification(640)), val, max_epochs=2, budget=0, rounds=1)
+    trainer, tune, metrics = tuned_fit(shuffled(data.classification(640)), val, max_epochs=2, budget=0, rounds=1,
+                                       trial_share=0)
 
     # the loader as given first (no workers to start), then the tuner from the hardware start
     assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (2, 2), (4, 2), (4, 4)]
@@ -519,6 +528,8 @@ def test_options_are_checked():
         LoaderAutotune(rounds=0)
     with pytest.raises(ConfigError, match=r"LoaderAutotune\(budget=...\) is 2; expected a fraction"):
         LoaderAutotune(budget=2)
+    with pytest.raises(ConfigError, match=r"LoaderAutotune\(trial_share=...\) is -1; expected a fraction"):
+        LoaderAutotune(trial_share=-1)
 
 
 # ---------------------------------------------------------------- resume (one real worker)

@@ -63,9 +63,11 @@ class LoaderSearch:
         given: the loader's settings as the user gave them.
         start: the hardware starting point.
         tuner: the tuner, started at ``start.settings``.
-        rounds: timed rounds a trial runs (the given loader's first trial: one).
+        rounds: timed rounds a trial runs at least (the given loader's first trial: one).
         budget: the most tuning may cost, as a share of the run; 0: no limit.
         later_batches: the run's batches after the tuning epoch (for the budget).
+        trial_share: a trial after the first times at least this share of the run left (see
+            :meth:`min_trial_seconds`), within a quarter of the epoch.
 
     Example:
         >>> from adaptrain.tuning.loader_tuning import StartingPoint
@@ -80,9 +82,9 @@ class LoaderSearch:
     """
 
     def __init__(self, given: LoaderSettings, start: StartingPoint, tuner: LoaderTuner, rounds: int = 3,
-                 budget: float = 0.05, later_batches: int = 0) -> None:
+                 budget: float = 0.05, later_batches: int = 0, trial_share: float = 0.01) -> None:
         self.given, self.start, self.tuner, self.rounds, self.budget = given, start, tuner, rounds, budget
-        self.later_batches = later_batches
+        self.later_batches, self.trial_share = later_batches, trial_share
         self.timings: list[Timing] = []
         self.baseline: Timing | None = None  # the loader as given, timed before the search
         self._timing_given = given.num_workers == 0 and given != start.settings
@@ -111,6 +113,15 @@ class LoaderSearch:
             return self.settle_early(f"{decision.reason.rsplit('; trying', 1)[0]}; not trying "
                                      f"{decision.settings.describe()}: {over}")
         return decision
+
+    def min_trial_seconds(self, batches_left: int | None) -> float:
+        """The least a trial should time: ``trial_share`` of the run left at the fastest speed measured (0
+        before any measurement). Trials train, so a longer one costs only a slower setting's extra time;
+        on a long run it buys a steadier measurement (close settings are 5-10% apart, one round's noise more)."""
+        fastest = self._fastest()
+        if fastest is None or batches_left is None or not self.trial_share:
+            return 0.0
+        return self.trial_share * (batches_left + self.later_batches) * fastest.seconds_per_batch
 
     def settle_early(self, why: str) -> Decision:
         """Settle before the tuner does: on its best measured setting, else the given loader if it was
@@ -175,6 +186,9 @@ class LoaderAutotune(Callback):
             measured speed, plus what has run): a trial that would pass it is not started, and the
             best setting so far is kept; 0 turns the limit off.
         tune_val: give a DataLoader val loader the train loader's chosen setting too.
+        trial_share: each trial after the first times at least this share of the expected run (within a
+            quarter of the epoch): longer runs get steadier trials, which cost only a slower setting's
+            extra time since they train; 0: exactly ``rounds`` rounds.
         required: a train loader that cannot be tuned is a :class:`~adaptrain.ConfigError` (False: a
             line says tuning is skipped; what ``Trainer(auto=True)`` adds).
 
@@ -192,14 +206,16 @@ class LoaderAutotune(Callback):
     order = -90  # before every other callback's before_fit/before_train: they see the loader the run trains with
 
     def __init__(self, max_trials: int = 4, rounds: int = 3, budget: float = 0.05, tune_val: bool = True,
-                 required: bool = True) -> None:
+                 trial_share: float = 0.01, required: bool = True) -> None:
         for name, value in (("max_trials", max_trials), ("rounds", rounds)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"LoaderAutotune({name}=...)", f"is {value!r}; expected an int >= 1.")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
             raise ConfigError("LoaderAutotune(budget=...)", f"is {budget!r}; expected a fraction in [0, 1].")
+        if isinstance(trial_share, bool) or not isinstance(trial_share, (int, float)) or not 0 <= trial_share <= 1:
+            raise ConfigError("LoaderAutotune(trial_share=...)", f"is {trial_share!r}; expected a fraction in [0, 1].")
         self.max_trials, self.rounds, self.budget, self.tune_val = max_trials, rounds, float(budget), bool(tune_val)
-        self.required = bool(required)
+        self.required, self.trial_share = bool(required), float(trial_share)
         self.chosen: LoaderSettings | None = None
         self.val_chosen: LoaderSettings | None = None
         self.start: StartingPoint | None = None
@@ -275,7 +291,7 @@ class LoaderAutotune(Callback):
         later = (state.max_epochs - state.epoch - 1) * (loader_length(loader) or 0)
         self.search = LoaderSearch(LoaderSettings.from_dict(loader_settings(loader)), self.start,
                                    LoaderTuner(self.start.settings, self.start.max_workers, max_trials=self.max_trials),
-                                   self.rounds, self.budget, later_batches=later)
+                                   self.rounds, self.budget, later_batches=later, trial_share=self.trial_share)
         trainer.replace_train_loader(live_trial_loader(loader, self.search,
                                                        lambda decision, epoch: self._settled(trainer, decision, epoch),
                                                        trainer.device))

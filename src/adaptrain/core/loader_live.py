@@ -35,6 +35,7 @@ import torch
 
 from adaptrain.core.batching import batch_size_of, unpack_batch
 from adaptrain.core.loader_trials import (
+    MAX_ROUNDS,
     WORKER_WARNING,
     StableDataLoader,
     Timing,
@@ -146,7 +147,7 @@ class _TrialEpoch:
         self.feed = _Feed(loader._index_sampler)
         base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
         self.generator = torch.Generator().manual_seed(base_seed)
-        self.batches_left = loader_length(loader)  # not yet delivered (None: the loader has no length)
+        self.batches_left = self.epoch_batches = loader_length(loader)  # not yet delivered (None: no length)
         self.batches_trained = 0
         self.started = time.perf_counter()
         self.settled: Decision | None = None
@@ -274,7 +275,19 @@ class _TrialEpoch:
         with warnings.catch_warnings():  # more workers than cores: the tuner measures whether it pays
             warnings.filterwarnings("ignore", message=WORKER_WARNING, category=UserWarning)
             self.batches = iter(spec.build(**{**settings.as_dict(), "persistent_workers": False}))
-        self.trial = _Trial(settings, plan, started) if plan is not None else None
+        if plan is not None:
+            warmup, per_round, _ = plan
+            self.trial = _Trial(settings, plan, started, self.search.min_trial_seconds(self.batches_left),
+                                most=self._most_rounds(warmup, per_round))
+        else:
+            self.trial = None
+
+    def _most_rounds(self, warmup: int, per_round: int) -> int:
+        """Rounds a trial may extend to: within :data:`MAX_ROUNDS`, a quarter of the epoch, and what is left."""
+        if self.batches_left is None or self.epoch_batches is None:
+            return 0  # no length: the planned rounds only
+        room = min(self.epoch_batches // 4, self.untaken or 0) - warmup
+        return min(MAX_ROUNDS, room // per_round)
 
     def _too_few(self, settings: LoaderSettings) -> str:
         return f"the {self.untaken} batches left in the epoch are too few to time {settings.describe()}"
@@ -304,11 +317,23 @@ def _without_persistence(settings: LoaderSettings | None) -> LoaderSettings | No
 
 class _Trial:
     """The clock of one trial: a warm-up (worker start-up), then ``rounds`` timed rounds of ``per_round``
-    batches each, as in :func:`~adaptrain.core.loader_trials.time_trial`."""
+    batches each, as in :func:`~adaptrain.core.loader_trials.time_trial`, and more rounds (``most`` in
+    all) until the timed part lasts ``min_seconds``.
 
-    def __init__(self, settings: LoaderSettings, plan: tuple[int, int, int], started: float) -> None:
+    Example (a clock driven by hand: fetched at t, trained until t + 1):
+        >>> trial = _Trial(LoaderSettings(0), (1, 2, 1), started=0.0, min_seconds=3.5, most=3)
+        >>> for t in range(0, 20, 2):
+        ...     trial.fetched(t, t, 8); trial.computed(t + 1)
+        ...     if trial.done: break
+        >>> len(trial.timing.rates), trial.timing.batches, trial.timing.compute_time  # 2 rounds: 4 s >= 3.5 s
+        (2, 4, 4.0)
+    """
+
+    def __init__(self, settings: LoaderSettings, plan: tuple[int, int, int], started: float,
+                 min_seconds: float = 0.0, most: int | None = None) -> None:
         self.timing = Timing(settings)
         self.warmup, self.per_round, self.rounds = plan
+        self.min_seconds, self.most = min_seconds, max(most or self.rounds, self.rounds)
         self.started = started
         self.count = 0
         self.drained = 0  # batches an earlier loader delivered during this trial: untimed, like the warm-up
@@ -343,7 +368,9 @@ class _Trial:
 
     @property
     def done(self) -> bool:
-        return len(self.timing.rates) >= self.rounds
+        rounds, timing = len(self.timing.rates), self.timing
+        return rounds >= self.rounds and (timing.data_time + timing.compute_time >= self.min_seconds
+                                          or rounds >= self.most)
 
     def finish(self, now: float) -> Timing:
         self.timing.seconds = now - self.started
