@@ -41,6 +41,7 @@ from adaptrain.core.loader_trials import (
     Timing,
     TooFewBatches,
     stop_workers_now,
+    synced_clock,
     trial_plan,
 )
 from adaptrain.data.loaders import LoaderSpec, loader_length
@@ -167,7 +168,7 @@ class _TrialEpoch:
     def __next__(self) -> Any:
         trial = self.trial
         if trial is not None:
-            now = _clock(self.loader.device)
+            now = synced_clock(self.loader.device)
             trial.computed(now)
             if trial.done:
                 self._decide(trial, now)
@@ -358,12 +359,7 @@ class _Trial:
         data, compute, counted = self._round
         self._round = [data + fetched - fetch_start, compute + end - fetched, counted + samples]
         if (self.count - self.warmup) % self.per_round == 0:
-            data, compute, counted = self._round
-            timing.data_time += data
-            timing.compute_time += compute
-            timing.samples += counted
-            timing.batches += self.per_round
-            timing.rates.append(counted / max(data + compute, 1e-9))
+            timing.add_round(*self._round, self.per_round)
             self._round = [0.0, 0.0, 0]
 
     @property
@@ -377,8 +373,3 @@ class _Trial:
         self.timing.ram_fraction = psutil.virtual_memory().percent / 100  # with this trial's workers alive
         return self.timing
 
-
-def _clock(cuda: torch.device | None) -> float:
-    if cuda is not None:
-        torch.cuda.synchronize(cuda)  # the step's kernels are done: compute time is compute, not queueing
-    return time.perf_counter()

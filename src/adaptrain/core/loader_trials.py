@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from adaptrain.core.trainer import Trainer
 
 __all__ = ["StableDataLoader", "Timing", "hardware_start", "local_world_size", "stable_loader", "time_trial",
-           "measure_batch_size", "TooFewBatches"]
+           "measure_batch_size", "TooFewBatches", "synced_clock"]
 
 #: Timed rounds one trial may run at most when it extends itself to ``min_seconds``.
 MAX_ROUNDS = 40
@@ -182,6 +182,14 @@ class Timing:
     warmup_seconds: float = 0.0  # the untimed first batches (worker start-up, compilation, first allocations)
     warmup_batches: int = 0
 
+    def add_round(self, data_time: float, compute_time: float, samples: int, batches: int) -> None:
+        """Count one timed round (its seconds waiting and computing, its samples and batches) and its rate."""
+        self.data_time += data_time
+        self.compute_time += compute_time
+        self.samples += samples
+        self.batches += batches
+        self.rates.append(samples / max(data_time + compute_time, 1e-9))
+
     @property
     def seconds_per_batch(self) -> float:
         """Wall time of a batch in the timed rounds (data wait + compute)."""
@@ -254,7 +262,7 @@ def time_trial(trainer: Trainer, loader: DataLoader, settings: LoaderSettings, r
     try:
         for _ in range(warmup):
             trainer.run_step(next(batches))
-        timing.warmup_seconds, timing.warmup_batches = _clock(cuda) - started, warmup
+        timing.warmup_seconds, timing.warmup_batches = synced_clock(cuda) - started, warmup
         while len(timing.rates) < rounds or (timing.data_time + timing.compute_time < min_seconds
                                               and len(timing.rates) < most):
             _time_round(trainer, batches, per_round, timing, cuda)
@@ -272,19 +280,15 @@ def _time_round(trainer: Trainer, batches: Iterator[Any], per_round: int, timing
     data_time = compute_time = 0.0
     samples = 0
     for _ in range(per_round):
-        fetch_start = _clock(cuda)
+        fetch_start = synced_clock(cuda)
         batch = next(batches)
         compute_start = time.perf_counter()
         trainer.run_step(batch)
-        compute_end = _clock(cuda)
+        compute_end = synced_clock(cuda)
         data_time += compute_start - fetch_start
         compute_time += compute_end - compute_start
         samples += trainer.state.batch_samples
-    timing.data_time += data_time
-    timing.compute_time += compute_time
-    timing.samples += samples
-    timing.batches += per_round
-    timing.rates.append(samples / max(data_time + compute_time, 1e-9))
+    timing.add_round(data_time, compute_time, samples, per_round)
 
 
 def stop_workers_now(batches: Any) -> None:
@@ -311,7 +315,7 @@ def stop_workers_now(batches: Any) -> None:
     shutdown_workers(batches)
 
 
-def _clock(cuda: torch.device | None) -> float:
+def synced_clock(cuda: torch.device | None) -> float:
     if cuda is not None:
         torch.cuda.synchronize(cuda)  # the step's kernels are done: compute time is compute, not queueing
     return time.perf_counter()
