@@ -360,7 +360,10 @@ def test_on_cpu_peak_rss_growth_decides_what_fits():
     found = trainer.batch_sizing.search(trainer)
     peaks = {p.batch_size: p.peak_fraction * gauge.capacity for p in found.probes}
     assert peaks[64] > budget  # 64 samples hold 64 MiB of activations alone
-    assert 2 <= found.chosen < 48 and peaks[found.chosen] <= budget
+    chosen = next(p for p in found.probes if p.batch_size == found.chosen)
+    # in the search's own unit (a fraction of capacity): bytes -> fraction -> bytes is not exact, and a
+    # peak of exactly 48 MiB (RSS grows in pages) read 48 MiB + 1e-8 B and failed once from a fresh clone
+    assert 2 <= found.chosen < 48 and chosen.peak_fraction <= found.memory_fraction
     assert peaks[found.chosen] > 2**20  # a real measurement: the step grew the process
 
 
