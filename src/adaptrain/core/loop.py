@@ -62,6 +62,7 @@ _STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{st
 BEFORE_BATCH, AFTER_CANCEL_BATCH, AFTER_BATCH = _STAGE_EVENTS["batch"]
 BEFORE_STEP, AFTER_CANCEL_STEP, AFTER_STEP = _STAGE_EVENTS["step"]
 AFTER_BACKWARD = Event.AFTER_BACKWARD.value
+_NO_PARTS: dict = {}  # a bare-tensor loss has no parts; one shared empty dict (read only), not one per batch
 
 
 class TrainingLoop(EvaluationLoop):
@@ -166,7 +167,6 @@ class TrainingLoop(EvaluationLoop):
         state, window, hooks = self.state, self.state.window, self._hooks
         inputs, targets = unpack_batch(batch, "train_loader")
         samples = state.batch_samples = batch_size_of(inputs, targets)  # the position counts what was fetched
-        state.unpacked = (batch, inputs, targets)
         state.batch, state.batch_idx = batch, state.batch_idx + 1
         state.epoch_samples += samples
         state.samples_seen += samples
@@ -208,13 +208,18 @@ class TrainingLoop(EvaluationLoop):
     def _accumulate(self, inputs: Any, targets: Any, tag: int, batch_samples: int) -> None:
         """Forward and backward of one loader batch, micro-batch by micro-batch, into ``.grad``."""
         state, window = self.state, self.state.window
-        micro_batches = (((inputs, targets),) if state.micro_batch_size is None  # unsplit: no call per batch
-                         else split_micro_batches(inputs, targets, state.micro_batch_size))
-        pieces = len(micro_batches)
+        unsplit = state.micro_batch_size is None
         if not window.samples:  # the first batch of the window decides (a recompute starts the window again)
-            window.weighted = state.accumulate_grad_batches > 1 or pieces > 1 or self.strategy is not None
+            split = not unsplit and batch_samples > state.micro_batch_size
+            window.weighted = state.accumulate_grad_batches > 1 or split or self.strategy is not None
             # several ranks: one constant for all (see distributed.strategy: the step's exact mean over ranks)
             window.reference = (state.batch_size or 1) if self.strategy is not None else batch_samples
+        if unsplit and self.strategy is None:  # the common case: one forward/backward, no helper
+            self._micro_step(inputs, targets, batch_samples, tag)
+            return
+        micro_batches = (((inputs, targets),) if unsplit
+                         else split_micro_batches(inputs, targets, state.micro_batch_size))
+        pieces = len(micro_batches)
         for index, (micro_inputs, micro_targets) in enumerate(micro_batches):
             size = batch_size_of(micro_inputs, micro_targets) if pieces > 1 else batch_samples
             if self.strategy is None:
@@ -364,23 +369,30 @@ class TrainingLoop(EvaluationLoop):
 
     def _forward(self, inputs: Any, targets: Any, loader_name: str,
                  model: Any = None) -> tuple[Any, torch.Tensor, dict]:
-        """Move the batch, run the model (``model``, default: the training one) and the criterion;
-        errors name the culprit."""
+        """Move the batch, run the model (``model``, default: the training one) and the criterion under
+        the precision's autocast (fp32 has none: no context entered, two Python calls a step saved)."""
         if self.device.type != "cpu":  # loaders yield CPU tensors: on the CPU there is nothing to move
             inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        model = model or self._forward_model
-        with self.state.precision.autocast():
-            try:  # a tensor (the common case) without the helper's call
-                outputs = model(inputs) if isinstance(inputs, torch.Tensor) else call_model(model, inputs)
-            except Exception as error:
-                reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
-                                       f"{describe(inputs)} from {loader_name}")
-            try:
-                result = self.criterion(outputs, targets)
-                loss, parts = (result, {}) if isinstance(result, torch.Tensor) else split_loss(result)
-            except Exception as error:
-                reraise_naming(error, f"the criterion ({name_of(self.criterion)}) failed on outputs "
-                                       f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
+        precision = self.state.precision
+        if precision.autocasts:
+            with precision.autocast():
+                return self._model_and_loss(model or self._forward_model, inputs, targets, loader_name)
+        return self._model_and_loss(model or self._forward_model, inputs, targets, loader_name)
+
+    def _model_and_loss(self, model: Any, inputs: Any, targets: Any,
+                        loader_name: str) -> tuple[Any, torch.Tensor, dict]:
+        """Outputs, loss and loss parts of one batch; errors name the culprit."""
+        try:  # a tensor (the common case) without the helper's call
+            outputs = model(inputs) if isinstance(inputs, torch.Tensor) else call_model(model, inputs)
+        except Exception as error:
+            reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
+                                   f"{describe(inputs)} from {loader_name}")
+        try:
+            result = self.criterion(outputs, targets)
+            loss, parts = (result, _NO_PARTS) if isinstance(result, torch.Tensor) else split_loss(result)
+        except Exception as error:
+            reraise_naming(error, f"the criterion ({name_of(self.criterion)}) failed on outputs "
+                                   f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
         if loss.numel() != 1:  # shape is host-side: no sync
             raise ValueError(f"the criterion ({name_of(self.criterion)}) returned a loss of shape {list(loss.shape)} "
                              f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', "

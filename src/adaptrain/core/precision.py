@@ -49,6 +49,14 @@ class Precision:
     """Full fp32: every method is a no-op or the plain PyTorch call."""
 
     name = "32"
+    #: Whether :meth:`autocast` enters a context. fp32's does not, so the loop calls the model without
+    #: a ``with`` (two Python calls a step saved); a subclass that overrides ``autocast`` gets True.
+    autocasts = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "autocasts" not in cls.__dict__:
+            cls.autocasts = cls.autocast is not Precision.autocast
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -98,7 +98,6 @@ class TrainState:
     interrupt: BaseException | None = None
     batch: Any = None
     batch_samples: int = 0  # samples in state.batch
-    unpacked: tuple = (None, None, None)  # (batch, inputs, targets) as fetched: unpacked once per batch
     outputs: Any = None
     loss: torch.Tensor | None = None
     exception: BaseException | None = None
