@@ -1,8 +1,9 @@
 """Evaluation: the validation epoch, the sanity pass before training, ``test`` and ``predict``.
 
-A mixin of :class:`~adaptrain.core.loop.TrainingLoop`, apart from the training path so each reads on
-its own. It runs through the same ``_forward`` as training (one place moves batches, calls the model
-and the criterion, and names the culprit when either fails) under ``inference_mode``.
+The base of :class:`~adaptrain.core.loop.TrainingLoop`, apart from the training path so each reads on
+its own. It holds the ``_forward`` both run (one place moves batches, calls the model and the
+criterion under the precision's autocast, and names the culprit when either fails); evaluation runs
+it under ``inference_mode``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from adaptrain.core.batching import batch_size_of, call_model, describe, detach_cpu, rebuild, to_device, unpack_batch
+from adaptrain.core.batching import (
+    batch_size_of,
+    call_model,
+    describe,
+    detach_cpu,
+    name_of,
+    rebuild,
+    reraise_naming,
+    to_device,
+    unpack_batch,
+)
+from adaptrain.core.losses import split_loss
 from adaptrain.core.metrics import WeightedMean
 from adaptrain.core.state import rng_state, set_rng_state
 from adaptrain.data.loaders import LoaderSpec, loader_rng_state, set_loader_rng_state
@@ -23,14 +35,48 @@ from adaptrain.errors import NonFiniteLossError
 if TYPE_CHECKING:
     from adaptrain.core.state import TrainState
 
+_NO_PARTS: dict = {}  # a bare-tensor loss has no parts; one shared empty dict (read only), not one per batch
+
 #: Val batches run by the sanity pass before the first step (Lightning's num_sanity_val_steps).
 SANITY_VAL_BATCHES = 2
 
 
 class EvaluationLoop:
-    """Validation, the sanity pass, test and predict; ``_forward`` comes from the training loop."""
+    """Validation, the sanity pass, test and predict, and the forward pass that training shares."""
 
     state: TrainState
+
+    def _forward(self, inputs: Any, targets: Any, loader_name: str,
+                 model: Any = None) -> tuple[Any, torch.Tensor, dict]:
+        """Move the batch, run the model (``model``, default: the training one) and the criterion under
+        the precision's autocast (fp32 has none: no context entered, two Python calls a step saved)."""
+        if self.device.type != "cpu":  # loaders yield CPU tensors: on the CPU there is nothing to move
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        precision = self.state.precision
+        if precision.autocasts:
+            with precision.autocast():
+                return self._model_and_loss(model or self._forward_model, inputs, targets, loader_name)
+        return self._model_and_loss(model or self._forward_model, inputs, targets, loader_name)
+
+    def _model_and_loss(self, model: Any, inputs: Any, targets: Any,
+                        loader_name: str) -> tuple[Any, torch.Tensor, dict]:
+        """Outputs, loss and loss parts of one batch; errors name the culprit."""
+        try:  # a tensor (the common case) without the helper's call
+            outputs = model(inputs) if isinstance(inputs, torch.Tensor) else call_model(model, inputs)
+        except Exception as error:
+            reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
+                                   f"{describe(inputs)} from {loader_name}")
+        try:
+            result = self.criterion(outputs, targets)
+            loss, parts = (result, _NO_PARTS) if isinstance(result, torch.Tensor) else split_loss(result)
+        except Exception as error:
+            reraise_naming(error, f"the criterion ({name_of(self.criterion)}) failed on outputs "
+                                   f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
+        if loss.numel() != 1:  # shape is host-side: no sync
+            raise ValueError(f"the criterion ({name_of(self.criterion)}) returned a loss of shape {list(loss.shape)} "
+                             f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', "
+                             "not 'none'.")
+        return outputs, loss, parts
 
     def _validate_epoch(self) -> None:
         values = self._run_eval(self._limited(self.state.val_loader), "val", "val_loader")

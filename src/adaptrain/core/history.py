@@ -17,6 +17,19 @@ TIMING_KEYS = ("epoch_time", "samples_per_s", "data_time", "compute_time")
 _SKIP = {"epoch", *TIMING_KEYS}  # shown apart in an epoch line (the time and speed at its end)
 
 
+def ordered_record(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """An epoch's record in the column order of the CSV: epoch, lr, train_*, val_*, then the rest
+    (times, forecasts), each group in the order it was written.
+
+    Example:
+        >>> list(ordered_record({"val_loss": 1.0, "epoch_time": 2.0, "train_loss": 3.0, "lr": 0.1, "epoch": 1}))
+        ['epoch', 'lr', 'train_loss', 'val_loss', 'epoch_time']
+    """
+    rank = {"epoch": 0, "lr": 1}
+    return dict(sorted(logs.items(), key=lambda kv: rank.get(kv[0], 2 if kv[0].startswith("train_")
+                                                              else 3 if kv[0].startswith("val_") else 4)))
+
+
 def format_values(values: Mapping[str, Any], skip: set[str] = _SKIP) -> str:
     """``name value`` pairs with 4 significant digits, for bars and log lines.
 

@@ -27,13 +27,8 @@ import torch
 
 from adaptrain.core.batching import (
     batch_size_of,
-    call_model,
-    describe,
     detached,
-    name_of,
-    reraise_naming,
     split_micro_batches,
-    to_device,
     unpack_batch,
 )
 from adaptrain.core.evaluation import EvaluationLoop
@@ -45,7 +40,7 @@ from adaptrain.core.events import (
     CancelTrainException,
     Event,
 )
-from adaptrain.core.losses import split_loss
+from adaptrain.core.history import ordered_record
 from adaptrain.core.state import rng_state, set_rng_state
 from adaptrain.data.loaders import loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
 from adaptrain.errors import NonFiniteLossError
@@ -62,7 +57,6 @@ _STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{st
 BEFORE_BATCH, AFTER_CANCEL_BATCH, AFTER_BATCH = _STAGE_EVENTS["batch"]
 BEFORE_STEP, AFTER_CANCEL_STEP, AFTER_STEP = _STAGE_EVENTS["step"]
 AFTER_BACKWARD = Event.AFTER_BACKWARD.value
-_NO_PARTS: dict = {}  # a bare-tensor loss has no parts; one shared empty dict (read only), not one per batch
 
 
 class TrainingLoop(EvaluationLoop):
@@ -98,7 +92,7 @@ class TrainingLoop(EvaluationLoop):
         self._schedule.step_epoch(state)
         state.epoch += 1
         state.batch_idx = state.epoch_samples = 0
-        state.history.append(_ordered_record(state.epoch_logs))
+        state.history.append(ordered_record(state.epoch_logs))
 
     # ------------------------------------------------------------------ train phase
     def _train_epoch(self) -> None:
@@ -367,38 +361,6 @@ class TrainingLoop(EvaluationLoop):
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.window.clear()
 
-    def _forward(self, inputs: Any, targets: Any, loader_name: str,
-                 model: Any = None) -> tuple[Any, torch.Tensor, dict]:
-        """Move the batch, run the model (``model``, default: the training one) and the criterion under
-        the precision's autocast (fp32 has none: no context entered, two Python calls a step saved)."""
-        if self.device.type != "cpu":  # loaders yield CPU tensors: on the CPU there is nothing to move
-            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        precision = self.state.precision
-        if precision.autocasts:
-            with precision.autocast():
-                return self._model_and_loss(model or self._forward_model, inputs, targets, loader_name)
-        return self._model_and_loss(model or self._forward_model, inputs, targets, loader_name)
-
-    def _model_and_loss(self, model: Any, inputs: Any, targets: Any,
-                        loader_name: str) -> tuple[Any, torch.Tensor, dict]:
-        """Outputs, loss and loss parts of one batch; errors name the culprit."""
-        try:  # a tensor (the common case) without the helper's call
-            outputs = model(inputs) if isinstance(inputs, torch.Tensor) else call_model(model, inputs)
-        except Exception as error:
-            reraise_naming(error, f"the model ({type(self.model).__name__}) failed on inputs "
-                                   f"{describe(inputs)} from {loader_name}")
-        try:
-            result = self.criterion(outputs, targets)
-            loss, parts = (result, _NO_PARTS) if isinstance(result, torch.Tensor) else split_loss(result)
-        except Exception as error:
-            reraise_naming(error, f"the criterion ({name_of(self.criterion)}) failed on outputs "
-                                   f"{describe(outputs)} and targets {describe(targets)} from {loader_name}")
-        if loss.numel() != 1:  # shape is host-side: no sync
-            raise ValueError(f"the criterion ({name_of(self.criterion)}) returned a loss of shape {list(loss.shape)} "
-                             f"from {loader_name}; expected a scalar (the batch mean): use reduction='mean', "
-                             "not 'none'.")
-        return outputs, loss, parts
-
     def _refresh(self) -> None:
         """Read running loss and metrics from the device: a host-device sync, so only every N steps."""
         state = self.state
@@ -437,9 +399,3 @@ class TrainingLoop(EvaluationLoop):
             error, self.state.interrupt = self.state.interrupt, None
             raise error
 
-
-def _ordered_record(logs: dict[str, Any]) -> dict[str, Any]:
-    """epoch, lr, train_*, val_*, then the rest (times, forecasts): the column order of the CSV."""
-    rank = {"epoch": 0, "lr": 1}
-    return dict(sorted(logs.items(), key=lambda kv: rank.get(kv[0], 2 if kv[0].startswith("train_")
-                                                              else 3 if kv[0].startswith("val_") else 4)))

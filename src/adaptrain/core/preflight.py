@@ -5,7 +5,8 @@
 - a short sanity pass over a couple of validation batches: shapes, the criterion and the metrics
   on real val batches, and every monitored name (``ModelCheckpoint``, ``EarlyStopping``, the
   plateau scheduler, ...) checked against the keys the loaders really produce;
-- a precision this CPU is known to run slowly gets one warning.
+- a precision this CPU is known to run slowly gets one warning;
+- the objects and the device ``Trainer`` is given are what it takes, and exist on this machine.
 
 Each check is a function of plain values where it can be, so it is tested without training.
 """
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
 
 from adaptrain.core.callback import overrides
+from adaptrain.core.settings import setting_error
+from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError
 
 MONITOR_PREFIXES = ("train_", "val_")
@@ -149,3 +153,32 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return True  # cannot tell: do not warn
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_objects(model: Any, optimizer: Any, metrics: Any) -> None:
+    """Raise if the model, optimizer or metrics are not what ``Trainer`` takes, naming the argument."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Trainer(model=...): expected a torch.nn.Module; received {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("Trainer(optimizer=...): expected a torch.optim.Optimizer; "
+                        f"received {type(optimizer).__name__}.")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(f"Trainer(metrics=...): expected a dict of name -> metric, e.g. {{\"acc\": "
+                        f"MulticlassAccuracy(num_classes=10)}}; received a {type(metrics).__name__}.")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> ``cuda:LOCAL_RANK`` / MPS / CPU; other names are checked against this machine."""
+    if str(device) == "auto":
+        return distributed.default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise setting_error("device", str(device), 'expected "auto", "cpu", "cuda" or "cuda:N".') from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise setting_error("device", str(device), 'CUDA is not available on this machine; use "auto" or "cpu".')
+    mps = getattr(torch.backends, "mps", None)
+    if resolved.type == "mps" and not (mps and mps.is_available()):
+        raise setting_error("device", str(device), 'MPS (Apple GPU) is not available on this machine; use "auto" '
+                            'or "cpu".')
+    return resolved

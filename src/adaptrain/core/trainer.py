@@ -25,8 +25,10 @@ from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
 from adaptrain.core.preflight import (
     check_monitors,
+    check_objects,
     check_optimizer_covers,
     monitored_names,
+    resolve_device,
     schedule_too_long,
     slow_cpu_precision,
     train_keys,
@@ -36,7 +38,7 @@ from adaptrain.core.preflight import (
 from adaptrain.core.progress import ProgressBar
 from adaptrain.core.resume import apply_checkpoint, read_checkpoint
 from adaptrain.core.scheduling import LRSchedule
-from adaptrain.core.settings import check_trainer_settings, setting_error
+from adaptrain.core.settings import check_trainer_settings
 from adaptrain.core.state import TrainState, seed_everything
 from adaptrain.data.loaders import LoaderSpec, loader_length, loader_settings
 from adaptrain.distributed import env as distributed
@@ -131,7 +133,7 @@ class Trainer(TrainingLoop):
         auto: bool = False,
         channels_last: bool = False,
     ) -> None:
-        _check_objects(model, optimizer, metrics)
+        check_objects(model, optimizer, metrics)
         check_trainer_settings(accumulate_grad_batches=accumulate_grad_batches, max_epochs=max_epochs,
                                log_every_n_steps=log_every_n_steps, gradient_clip_val=gradient_clip_val,
                                nan_policy=nan_policy, seed=seed, fast_dev_run=fast_dev_run,
@@ -420,32 +422,3 @@ class Trainer(TrainingLoop):
             return
         bars = self.callbacks.find(ProgressBar)
         (bars[0].print if bars else print)(*args)
-
-
-# ---------------------------------------------------------------------- helpers (pure)
-def _check_objects(model: Any, optimizer: Any, metrics: Any) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"Trainer(model=...): expected a torch.nn.Module; received {type(model).__name__}.")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError("Trainer(optimizer=...): expected a torch.optim.Optimizer; "
-                        f"received {type(optimizer).__name__}.")
-    if metrics is not None and not isinstance(metrics, Mapping):
-        raise TypeError(f"Trainer(metrics=...): expected a dict of name -> metric, e.g. {{\"acc\": "
-                        f"MulticlassAccuracy(num_classes=10)}}; received a {type(metrics).__name__}.")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> ``cuda:LOCAL_RANK`` / MPS / CPU; other names are checked against this machine."""
-    if str(device) == "auto":
-        return distributed.default_device()
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise setting_error("device", str(device), 'expected "auto", "cpu", "cuda" or "cuda:N".') from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise setting_error("device", str(device), 'CUDA is not available on this machine; use "auto" or "cpu".')
-    mps = getattr(torch.backends, "mps", None)
-    if resolved.type == "mps" and not (mps and mps.is_available()):
-        raise setting_error("device", str(device), 'MPS (Apple GPU) is not available on this machine; use "auto" '
-                            'or "cpu".')
-    return resolved
