@@ -359,16 +359,59 @@ def test_the_search_starts_at_the_hardware_start_when_the_loader_comes_with_work
     assert search.first == search.start.settings and search.first_rounds == 3
 
 
-def test_a_data_bound_search_is_not_held_to_the_given_loader_measured_faster():
-    """One round without workers is a rough measurement (other load can halve a worker trial): a
-    data-bound loop takes the search's result, never the given loader as a baseline to beat."""
-    search = search_from(LoaderSettings(0), budget=0)
-    rates = {(0, None): 150.0, (2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
-    decision = search.observe(fixed_timing(LoaderSettings(0), 150.0), batches_left=100)
+def run_search(search, rates: dict, given_rates: list[float]) -> tuple:
+    """Feed ``search`` fixed measurements until it settles: worker settings at ``rates[workers, prefetch]``,
+    the given loader (no workers) at the next of ``given_rates`` each time it is timed."""
+    given = iter(given_rates)
+    decision = search.observe(fixed_timing(LoaderSettings(0), next(given)), batches_left=100)
     while not decision.settled:
-        decision = search.observe(fixed_timing(decision.settings, rates[decision.settings.num_workers,
-                                                                         decision.settings.prefetch_factor]), 100)
-    assert decision.settings.num_workers == 4 and len(search.timings) == 4
+        settings = decision.settings
+        rate = next(given) if settings.num_workers == 0 else rates[settings.num_workers, settings.prefetch_factor]
+        decision = search.observe(fixed_timing(settings, rate), 100)
+    return decision, [(t.settings.num_workers, t.settings.prefetch_factor) for t in search.timings]
+
+
+def test_a_given_loader_that_measures_faster_than_the_workers_twice_is_kept():
+    """A loop that only looks data-bound (in-memory data, indexing 10-15% of the step) ran 0.3-0.7x as fast
+    with workers: the given loader, ahead of the first worker trial by more than the margin, is timed
+    again at once, and kept when the second reading agrees."""
+    rates = {(2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
+    decision, timed = run_search(search_from(LoaderSettings(0), budget=0), rates, given_rates=[150.0, 148.0])
+    assert decision.settings == LoaderSettings(0) and timed == [(0, None), (2, 2), (0, None)]
+    assert "timed again: 148.0 samples/s against num_workers=2, prefetch_factor=2 (persistent)'s 100.0" \
+        in decision.reason and decision.reason.endswith("keeping the loader as given (more workers did not pay)")
+
+
+def test_a_given_loaders_fast_round_that_does_not_repeat_lets_the_search_go_on():
+    """One round without workers is a rough measurement (other load can halve a worker trial, or a burst
+    inflate nothing else): when its second reading loses to the workers, the search resumes where it was."""
+    rates = {(2, 2): 100.0, (4, 2): 120.0, (4, 4): 121.0}
+    decision, timed = run_search(search_from(LoaderSettings(0), budget=0), rates, given_rates=[150.0, 60.0])
+    assert decision.settings == LoaderSettings(4, 2, persistent_workers=True)
+    assert timed == [(0, None), (2, 2), (0, None), (4, 2), (4, 4)]  # timed again once, not after every trial
+
+
+def test_a_given_loader_ahead_by_less_than_the_margin_is_timed_again_when_the_search_ends():
+    search = loader_autotune.LoaderSearch(
+        LoaderSettings(0), StartingPoint(LoaderSettings(2, 2, persistent_workers=True), 4, "test"),
+        LoaderTuner(LoaderSettings(2, 2, persistent_workers=True), 4, max_trials=1), budget=0)
+    decision, timed = run_search(search, {(2, 2): 100.0, (4, 2): 101.0}, given_rates=[104.0, 103.0])
+    assert timed == [(0, None), (2, 2), (4, 2), (0, None)] and decision.settings == LoaderSettings(0)
+    # the workers win when they beat the second reading by the margin: 100 vs 90 is +11%
+    search = loader_autotune.LoaderSearch(
+        LoaderSettings(0), StartingPoint(LoaderSettings(2, 2, persistent_workers=True), 4, "test"),
+        LoaderTuner(LoaderSettings(2, 2, persistent_workers=True), 4, max_trials=1), budget=0)
+    decision, _ = run_search(search, {(2, 2): 100.0, (4, 2): 101.0}, given_rates=[104.0, 90.0])
+    assert decision.settings == LoaderSettings(2, 2, persistent_workers=True)
+
+
+def test_an_epoch_that_ends_while_the_given_loader_is_timed_again_keeps_it():
+    search = search_from(LoaderSettings(0), budget=0)
+    search.observe(fixed_timing(LoaderSettings(0), 150.0), batches_left=100)
+    decision = search.observe(fixed_timing(search.start.settings, 100.0), batches_left=90)
+    assert decision.settings == LoaderSettings(0) and not decision.settled  # timing it again
+    decision = search.settle_early("the epoch ended")
+    assert decision.settings == LoaderSettings(0) and "measured faster (150.0 samples/s)" in decision.reason
 
 
 def test_the_budget_stops_a_trial_whose_start_up_the_rest_of_the_run_cannot_repay():
@@ -446,6 +489,20 @@ def test_a_data_bound_loader_gets_more_workers_and_every_change_is_recorded(monk
         assert [t["seconds"] > 0 for t in entry["trials"]] == [True] * 4
         assert len(entry["trials"]) == 4 and entry["reason"] in line
         assert "num_workers 2 -> 4 paid: 100.0 -> 180.0 samples/s" in entry["steps"][1]  # the tuner's verdicts
+
+
+def test_a_loop_that_only_looks_data_bound_keeps_the_loader_it_was_given(monkeypatch, capsys):
+    """Real trial loaders and batches, fixed measurements: data wait 50% of the step, yet no workers is
+    faster (an in-memory data set on 2 cores). The run keeps the loader object it was given."""
+    start_at(monkeypatch, workers=2, max_workers=4)
+    rates = {(0, None): 300.0, (2, 2): 100.0}
+    asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
+    original = shuffled(data.classification(320))
+    trainer, tune, _ = tuned_fit(original, max_epochs=2, budget=0, rounds=1, trial_share=0)
+    assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (2, 2), (0, None)]
+    assert trainer.state.train_loader is original and trainer.loader_settings["num_workers"] == 0
+    out = capsys.readouterr().out
+    assert "train loader kept num_workers=0: the loader as given, timed again: 300.0 samples/s" in out
 
 
 def test_a_compute_bound_loop_without_workers_keeps_them_off_after_one_round(monkeypatch, capsys):

@@ -35,7 +35,14 @@ from adaptrain.core.loader_live import LiveTrialLoader, live_trial_loader
 from adaptrain.core.loader_trials import StableDataLoader, Timing, hardware_start, rebuildable, stable_loader
 from adaptrain.data.loaders import loader_length, loader_settings, shutdown_workers
 from adaptrain.errors import ConfigError
-from adaptrain.tuning.loader_tuning import Decision, LoaderSettings, LoaderTuner, StartingPoint
+from adaptrain.tuning.loader_tuning import (
+    Decision,
+    LoaderSettings,
+    LoaderTuner,
+    StartingPoint,
+    margin_needed,
+    rate_and_error,
+)
 
 if TYPE_CHECKING:
     from adaptrain.core.loader_live import _TrialEpoch
@@ -50,9 +57,12 @@ class LoaderSearch:
     A loader given with ``num_workers=0`` is timed first as it is, over one round (no worker to
     start). Compute-bound there, it is kept: workers cannot pay and would cost start-up, batch
     transfers and RAM (measured on 2 cores with in-memory tensors: 2 workers 0.80x of none).
-    Data-bound, the tuner searches from the hardware start. The given loader is not a baseline the
-    search must beat: measured, a burst of other load during its round made a data-bound run keep
-    no workers at 0.54x of the best static; more workers than needed cost far less.
+    Data-bound, the tuner searches from the hardware start. That one round does not decide alone:
+    measured, a burst of other load during it made a data-bound run keep no workers at 0.54x of the
+    best static. But when the search's best measured slower than it, the given loader is timed
+    again (free: no worker to start, and its batches train) and kept unless the workers beat that
+    second reading by the tuner's margin: a loop that only looks data-bound (an in-memory data set
+    whose indexing is 10-15% of the step) ran 0.3-0.7x as fast with the workers it was moved to.
 
     The budget: a trial whose estimated cost (the last trial's worker start-up beyond its batches'
     steady time, scaled by the worker count) would take the tuning's cost so far past ``budget`` of
@@ -79,6 +89,21 @@ class LoaderSearch:
         >>> decision = search.observe(given, batches_left=30)
         >>> decision.action, decision.reason.split(":")[0]
         ('settle', 'compute-bound as given (data wait 1% of step time at 64.0 samples/s, under 10%)')
+
+    Data-bound as given, but the workers measured slower: the given loader is timed again, and kept.
+
+        >>> search = LoaderSearch(LoaderSettings(0), start, LoaderTuner(start.settings, 2, max_trials=0))
+        >>> given = Timing(LoaderSettings(0), data_time=0.2, compute_time=0.8, rates=[900.0], samples=64, batches=2)
+        >>> search.observe(given, batches_left=100).settings.describe()
+        'num_workers=2, prefetch_factor=2 (persistent)'
+        >>> workers = Timing(start.settings, data_time=0.5, compute_time=0.5, rates=[600.0] * 3, samples=96, batches=6)
+        >>> decision = search.observe(workers, batches_left=90)
+        >>> decision.action, decision.settings.describe()
+        ('try', 'num_workers=0')
+        >>> again = Timing(LoaderSettings(0), data_time=0.2, compute_time=0.8, rates=[880.0] * 3, samples=96, batches=6)
+        >>> decision = search.observe(again, batches_left=84)
+        >>> decision.action, decision.settings.describe(), decision.reason.split(": keeping")[1]
+        ('settle', 'num_workers=0', ' the loader as given (more workers did not pay)')
     """
 
     def __init__(self, given: LoaderSettings, start: StartingPoint, tuner: LoaderTuner, rounds: int = 3,
@@ -90,11 +115,16 @@ class LoaderSearch:
         self._timing_given = given.num_workers == 0 and given != start.settings
         self.first = given if self._timing_given else start.settings
         self.first_rounds = 1 if self._timing_given else rounds
+        self._confirming = False  # timing the given loader again: the search's best measured slower than it
+        self._given_timed_again = False  # once at most
+        self._resume: Decision | None = None  # the search's next step, taken if the second reading loses
 
     def observe(self, timing: Timing, batches_left: int | None) -> Decision:
         """The next step after ``timing``; ``batches_left``: the tuning epoch's batches not yet trained
         (None: unknown, a loader without a length; then no budget applies: the run's length is unknown)."""
         self.timings.append(timing)
+        if self._confirming:
+            return self._given_again(timing, batches_left)
         if self._timing_given and self.baseline is None:
             self.baseline = timing
             share = timing.data_time / max(timing.data_time + timing.compute_time, 1e-12)
@@ -108,11 +138,49 @@ class LoaderSearch:
                                                        f"{self.start.settings.describe()}")
         decision = self.tuner.observe(timing.settings, timing.data_time, timing.compute_time, timing.rates,
                                       timing.ram_fraction)
+        return self._within_budget(decision, batches_left)
+
+    def _within_budget(self, decision: Decision, batches_left: int | None) -> Decision:
+        """``decision``, unless its trial would pass the budget (then: settle on the best), or unless the given
+        loader measured faster than the workers' best: then it is timed again first (see :meth:`_given_again`)."""
         over = None if decision.settled else self._over_budget(decision.settings, batches_left)
         if over:
-            return self.settle_early(f"{decision.reason.rsplit('; trying', 1)[0]}; not trying "
-                                     f"{decision.settings.describe()}: {over}")
+            decision = self._settle_on_best(f"{decision.reason.rsplit('; trying', 1)[0]}; not trying "
+                                            f"{decision.settings.describe()}: {over}")
+        # At the end of the search, or at once when it leads by more than the tuner's margin (growing the
+        # pool rarely turns a loss that large around). No budget check: a trial without workers has no
+        # pool to start, and its batches train.
+        if not self._given_timed_again and (self._given_looked_faster(self.tuner.min_gain)
+                                            or (decision.settled and self._given_looked_faster())):
+            assert self.baseline is not None
+            self._confirming, self._given_timed_again, self._resume = True, True, decision
+            return Decision("try", self.given, f"{decision.reason.rsplit('; trying', 1)[0]}; but the loader as "
+                                               f"given measured faster ({self.baseline.median_rate:.1f} samples/s "
+                                               "over one round): timing it again")
         return decision
+
+    def _given_looked_faster(self, by: float = 0.0) -> bool:
+        best = self.tuner.best
+        return (self.baseline is not None and best is not None
+                and self.baseline.median_rate > best.samples_per_s * (1 + by))
+
+    def _given_again(self, timing: Timing, batches_left: int | None) -> Decision:
+        """The given loader's second reading decides: the workers' best is kept only if it beats it by the
+        tuner's margin (``min_gain``, or ``z`` standard errors when that is larger); then the search goes on
+        where it was (its first reading was the outlier)."""
+        best, resume = self.tuner.best, self._resume
+        assert best is not None and resume is not None
+        self._confirming, self.baseline = False, timing
+        rate, error = rate_and_error(timing.rates or [max(timing.median_rate, 1e-9)])
+        gain = best.samples_per_s / rate - 1
+        needed = margin_needed(best.std_error, rate, error, self.tuner.min_gain, self.tuner.z)
+        line = (f"the loader as given, timed again: {rate:.1f} samples/s against {best.settings.describe()}'s "
+                f"{best.samples_per_s:.1f} ({gain:+.1%}; workers need +{needed:.1%})")
+        if gain < needed:
+            return Decision("settle", self.given, f"{line}: keeping the loader as given (more workers did not pay)")
+        if resume.settled:
+            return Decision("settle", resume.settings, f"{line}; {resume.reason}")
+        return self._within_budget(Decision("try", resume.settings, f"{line}; {resume.reason}"), batches_left)
 
     def min_trial_seconds(self, batches_left: int | None) -> float:
         """The least a trial should time: ``trial_share`` of the run left at the fastest speed measured (0
@@ -124,8 +192,20 @@ class LoaderSearch:
         return self.trial_share * (batches_left + self.later_batches) * fastest.seconds_per_batch
 
     def settle_early(self, why: str) -> Decision:
-        """Settle before the tuner does: on its best measured setting, else the given loader if it was
-        measured, else the unmeasured hardware start."""
+        """Settle before the tuner does, with no batches left to time anything more: on the fastest
+        reading (the given loader's, when it measured faster than every worker setting, even over its one
+        round), else the tuner's best, else the unmeasured hardware start."""
+        if self._confirming or self._given_looked_faster():
+            best = self.tuner.best
+            assert best is not None and self.baseline is not None
+            return Decision("settle", self.given, f"{why}: keeping the loader as given, measured faster "
+                                                  f"({self.baseline.median_rate:.1f} samples/s) than "
+                                                  f"{best.settings.describe()} ({best.samples_per_s:.1f})")
+        return self._settle_on_best(why)
+
+    def _settle_on_best(self, why: str) -> Decision:
+        """Settle on the tuner's best measured setting, else the given loader if it was measured, else the
+        unmeasured hardware start."""
         best = self.tuner.best
         if best is None and self.baseline is not None:
             return Decision("settle", self.given, f"{why}: keeping the loader as given, the one measured "

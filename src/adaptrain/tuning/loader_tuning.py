@@ -46,7 +46,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["LoaderSettings", "StartingPoint", "Trial", "Decision", "LoaderTuner", "initial_loader_settings"]
+__all__ = ["LoaderSettings", "StartingPoint", "Trial", "Decision", "LoaderTuner", "initial_loader_settings",
+           "margin_needed", "rate_and_error"]
 
 DEFAULT_PREFETCH = 2  # torch's own default
 RAM_SHARE = 0.5  # the share of free RAM the starting point lets workers take: the rest is the model's and the OS's
@@ -200,7 +201,7 @@ class Decision:
         return self.action == "settle"
 
 
-def _rate(samples_per_s: float | Sequence[float]) -> tuple[float, float]:
+def rate_and_error(samples_per_s: float | Sequence[float]) -> tuple[float, float]:
     """The median of the rates and its standard error (from the MAD: one slow window does not move it)."""
     rates = [float(samples_per_s)] if isinstance(samples_per_s, (int, float)) else [float(r) for r in samples_per_s]
     if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
@@ -210,6 +211,19 @@ def _rate(samples_per_s: float | Sequence[float]) -> tuple[float, float]:
         return median, 0.0
     mad = statistics.median(abs(r - median) for r in rates)
     return median, 1.2533 * 1.4826 * mad / math.sqrt(len(rates))  # sd of a median of normal samples
+
+
+def margin_needed(new_error: float, old_rate: float, old_error: float, min_gain: float, z: float) -> float:
+    """The relative gain over ``old_rate`` a new rate needs to count as real: ``min_gain``, or ``z``
+    standard errors of the difference when the rates' noise is larger.
+
+    Example:
+        >>> margin_needed(0.0, 100.0, 0.0, min_gain=0.05, z=2.0)
+        0.05
+        >>> round(margin_needed(3.0, 100.0, 4.0, min_gain=0.05, z=2.0), 3)  # noisy rates: 2 x 5 = 10 samples/s
+        0.1
+    """
+    return max(min_gain, z * math.hypot(new_error, old_error) / old_rate)
 
 
 def _pct(x: float) -> str:
@@ -290,7 +304,7 @@ class LoaderTuner:
             raise ValueError("data_time + compute_time is 0; measure over at least one batch.")
         if ram_fraction is not None and not 0 <= ram_fraction <= 1:
             raise ValueError(f"ram_fraction is {ram_fraction!r}; expected a fraction in [0, 1] or None.")
-        rate, error = _rate(samples_per_s)
+        rate, error = rate_and_error(samples_per_s)
         trial = Trial(settings, rate, error, data_time / (data_time + compute_time), ram_fraction)
         self.trials.append(trial)
         line = self._first_verdict(trial) if self._best is None else self._verdict(trial)
@@ -319,7 +333,7 @@ class LoaderTuner:
         stage = self._stage
         change = _change(best.settings, trial.settings)
         gain = trial.samples_per_s / best.samples_per_s - 1
-        needed = max(self.min_gain, self.z * math.hypot(trial.std_error, best.std_error) / best.samples_per_s)
+        needed = margin_needed(trial.std_error, best.samples_per_s, best.std_error, self.min_gain, self.z)
         numbers = f"{best.samples_per_s:.1f} -> {trial.samples_per_s:.1f} samples/s ({gain:+.1%}, needs +{needed:.1%})"
         if self._over_ram(trial):
             self._stage = "done"
