@@ -87,6 +87,30 @@ def test_unknown_key_suggests_the_close_one(config_file):
         load_config([config_file], ["optimizer.init_arg.lr=3"])
 
 
+@pytest.mark.parametrize("override, shown", [("trainer.auto_num_workers=2", "2"), ("trainer.auto=1", "1"),
+                                              ("trainer.channels_last=\"yes\"", '"yes"'),
+                                              ("data.pin_memory=0", "0")])
+def test_true_false_keys_take_only_true_or_false(config_file, override, shown):
+    """OmegaConf alone turns 2, 1, 0 or "yes" into a bool for a bool key; Trainer(...) refuses them, so must YAML."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as error:
+        load_config([config_file], [override])
+    assert str(error.value) == f"{COMMAND_LINE}: {key} is {shown}; expected true or false."
+    section, name = key.split(".")
+    value = override.split("=")[1]
+    write_config(config_file, config_file.read_text().replace(f"{section}:\n", f"{section}:\n  {name}: {value}\n", 1))
+    with pytest.raises(ConfigError) as from_file:
+        load_config([config_file])
+    assert str(from_file.value) == f"{config_file}: {key} is {shown}; expected true or false."
+
+
+def test_true_false_keys_accept_booleans_null_and_interpolations(config_file):
+    config = load_config([config_file], ["trainer.auto_num_workers=true", "trainer.progress=false",
+                                         "data.pin_memory=null", "trainer.auto=${trainer.compile}"])
+    assert config["trainer"]["auto_num_workers"] is True and config["trainer"]["progress"] is False
+    assert config["data"]["pin_memory"] is None and config["trainer"]["auto"] is False
+
+
 def test_value_checks_after_merge(config_file):
     with pytest.raises(ConfigError, match=r'trainer\.precision is "fp8"; expected one of "32", "16-mixed", '
                                           r'"bf16-mixed"'):

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,36 @@ class RunConfig:
     ckpt_path: str | None = None  # fit: resume from it; validate/test/predict: weights to load
 
 
+def _flag_keys() -> tuple[str, ...]:
+    """The schema's true/false keys (``trainer.auto``, ``data.pin_memory``, ...)."""
+    return tuple(f"{section}.{name}" for section, schema in (("trainer", TrainerConfig), ("data", DataConfig))
+                 for name, hint in typing.get_type_hints(schema).items() if hint in (bool, bool | None))
+
+
+#: OmegaConf turns 2, "yes" or "on" into True for a bool key, silently; the Python API refuses them, so does this.
+FLAG_KEYS = _flag_keys()
+
+
+def check_flags(values: Mapping[str, Any], source: str) -> None:
+    """Raise :class:`ConfigError` for a true/false key set to anything else (an interpolation is resolved later).
+
+    Example:
+        >>> check_flags({"trainer": {"auto": True, "auto_num_workers": 2}}, "run.yaml")
+        Traceback (most recent call last):
+        ...
+        adaptrain.errors.ConfigError: run.yaml: trainer.auto_num_workers is 2; expected true or false.
+    """
+    for key in FLAG_KEYS:
+        value = _lookup(values, key)
+        if value is _ABSENT or value is None or isinstance(value, bool) or _interpolation(value):
+            continue
+        raise ConfigError(key, f"is {show(value)}; expected true or false.", source)
+
+
+def _interpolation(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().startswith("${")
+
+
 _OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)$", re.S)
 COMMAND_LINE = "command line"
 
@@ -145,10 +176,15 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> C
     for path in paths:
         raw = _read_yaml(Path(path))
         raw_files.append((str(path), OmegaConf.to_container(raw, resolve=False)))
+        check_flags(raw_files[-1][1], str(path))
         config = _merge(config, raw, str(path))
     override_keys = []
     for item in overrides:
         key, value = _parse_override(item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        check_flags(nested, COMMAND_LINE)
         override_keys.append(key)
         _apply_override(config, key, value)
 
