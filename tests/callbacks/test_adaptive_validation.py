@@ -82,6 +82,7 @@ def test_cheap_validation_runs_every_epoch_where_otx_would_wait_four(capsys):
     assert validated(history) == schedule.validated_epochs == [1, 2, 3, 4, 5, 6]
     assert (schedule.plan.interval, schedule.plan.otx) == (1, 4)
     assert (schedule.train_seconds, schedule.val_seconds, schedule.plan.cost_ratio) == pytest.approx((12, 0.6, 0.05))
+    assert history.adaptations == []  # every epoch, as without the callback: nothing changed
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("AdaptiveTrainScheduling")]
     assert len(lines) == 2 and lines[0].startswith("AdaptiveTrainScheduling (estimated from 24 val / 96 train")
     assert lines[1] == ("AdaptiveTrainScheduling (measured): validate every epoch: a validation costs 0.05x a "
@@ -107,6 +108,11 @@ def test_measured_cost_replaces_the_estimate_without_skipping_or_doubling():
     trainer, schedule, loaders = scheduled(val_cost=1.8, epochs=15, val_samples=384)
     history = trainer.fit(*loaders)
     assert validated(history) == [5, 7, 9, 11, 13, 15] and schedule.plan.interval == 2
+    # each change recorded like every other adaptation (adaptations.json, "adapted:" lines in train.log)
+    changes = [(a["kind"], a["before"], a["after"], a["epoch"]) for a in history.adaptations]
+    assert changes == [("validation", {"every_n_epochs": 1}, {"every_n_epochs": 5}, 1),
+                       ("validation", {"every_n_epochs": 5}, {"every_n_epochs": 2}, 5)]
+    assert history.adaptations[1]["reason"].startswith("AdaptiveTrainScheduling (measured): validate every 2")
 
 
 def test_a_stop_set_before_validation_still_validates_that_epoch():

@@ -171,6 +171,9 @@ def test_tune_with_the_default_budget_on_a_short_run_reports_why_it_did_not_sear
     report = tune(_trainer(), _loader(), share=1e-6)  # trainer.tune's default share is 5%
     assert report.trials == [] and report.chosen == report.original and report.budget_s < 1e-3
     assert "not tuned" in report.table() and report.expected_run_s > 0
+    # a budget smaller than the warm-up reads 0.00 s, not -0.00 s; a run under 100 s shows its tenths
+    assert "its budget (0.00 s)" in report.notes[0], report.notes
+    assert f"of the expected {report.expected_run_s:.1f} s run" in report.table()
 
 
 def test_auto_resume_reapplies_the_choice_without_trials_and_matches_the_run_continued(tmp_path):

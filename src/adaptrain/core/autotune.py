@@ -126,7 +126,9 @@ class TuneReport:
         lines += [f"note: {note}" for note in self.notes]
         speed = f"{self.speedup:.2f}x the original's samples/s" if self.speedup else "speedup not measured"
         how = "measured side by side" if self.confirmed else "from the search's own trials"
-        share = f" = {self.share:.1%} of the expected {self.expected_run_s:.0f} s run" if self.share else ""
+        run_s = self.expected_run_s or 0.0
+        share = f" = {self.share:.1%} of the expected {run_s:.1f} s run" if self.share and run_s < 100 else \
+            f" = {self.share:.1%} of the expected {run_s:.0f} s run" if self.share else ""
         lines.append(f"chosen: {speed} ({how}); tuning took {self.seconds:.1f} s (budget {self.budget_s:.1f} s)"
                      f"{share}")
         return "\n".join(lines)
@@ -222,7 +224,7 @@ def tune(trainer: Trainer, train_loader: Any, budget: float | None = None, keep_
             # timed rounds like the warm-up's one, or min_seconds when that is longer
             timed = (warm.data_time or 0.0) + (warm.compute_time or 0.0)
             trial_s = max(warm_s - timed, 0.0) + max(timed * runner.rounds, runner.min_seconds)
-            why = too_short_to_tune(share * expected - warm_s, trial_s)
+            why = too_short_to_tune(max(share * expected - warm_s, 0.0), trial_s)  # the warm-up may exceed it
             if why is not None:
                 note = f"not tuned: the expected {expected:.1f} s run is too short, {why}"
                 result = SearchResult(dict(original), dict(original), (), {}, (note,), 0.0, share * expected, None)

@@ -137,13 +137,21 @@ class AdaptiveTrainScheduling(Callback):
                 f"estimated from {val_samples} val / {state.epoch_samples} train samples")
 
     def _plan(self, trainer: Trainer, val_seconds: float | None, source: str) -> None:
-        state = trainer.state
+        state, previous = trainer.state, self.plan
         timed = val_seconds is not None and bool(self.train_seconds)
         self.plan = validation_interval(
             state.num_batches or state.batch_idx or 1, val_seconds if timed else None,
             self.train_seconds if timed else None, state.max_epochs,
             budget=self.budget, max_interval=self.max_interval, min_validations=self.min_validations)
-        trainer.print(f"AdaptiveTrainScheduling ({source}): {self.plan.reason}")
+        line = f"AdaptiveTrainScheduling ({source}): {self.plan.reason}"
+        trainer.print(line)
+        # Recorded like every other adaptation: adaptations.json, and an "adapted:" line in train.log.
+        before = previous.interval if previous is not None else 1
+        if self.plan.interval != before:
+            trainer.state.history.adaptations.append({
+                "kind": "validation", "before": {"every_n_epochs": before},
+                "after": {"every_n_epochs": self.plan.interval}, "reason": line,
+                "epoch": state.epoch + 1, "step": state.global_step})
 
     # ------------------------------------------------------------------ checkpointed state
     def state_dict(self) -> dict[str, Any]:
