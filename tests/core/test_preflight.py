@@ -196,3 +196,25 @@ def test_under_nan_policy_skip_a_nan_validation_warns_and_is_never_the_best_chec
     with pytest.warns(UserWarning, match=r"validation at epoch 1 gave non-finite val_loss.*no checkpoint ranks it"):
         make(max_epochs=2, nan_policy="skip", callbacks=[saver]).fit(loader(), nan_val_loader())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no "val_loss=nan" file kept as best
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda t, ds: t.fit(ds), "fit(train_loader=...)"),
+    (lambda t, ds: t.fit(DataLoader(ds, batch_size=8), ds), "fit(val_loader=...)"),
+    (lambda t, ds: t.lr_find(ds, num_steps=5), "lr_find(train_loader=...)"),
+    (lambda t, ds: t.tune(ds, budget=1), "tune(train_loader=...)"),
+    (lambda t, ds: t.validate(ds), "validate(loader=...)"),
+    (lambda t, ds: t.test(ds), "test(loader=...)"),
+    (lambda t, ds: t.predict(ds), "predict(loader=...)"),
+])
+def test_a_data_set_passed_as_a_loader_is_named_before_any_step(call, argument):
+    """Iterated directly, a TensorDataset yields single samples: the model would fail on a missing batch
+    dimension, with a message that hides why."""
+    trainer = make()
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(TypeError) as error:
+        call(trainer, data.classification(32))
+    assert str(error.value).startswith(f"{argument}: received a TensorDataset, a data set (one sample per index)")
+    assert "DataLoader(dataset, batch_size=...)" in str(error.value)
+    assert trainer.state.global_step == 0 and trainer.state.history.records == []
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))

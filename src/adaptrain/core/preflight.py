@@ -182,3 +182,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise setting_error("device", str(device), 'MPS (Apple GPU) is not available on this machine; use "auto" '
                             'or "cpu".')
     return resolved
+
+
+def check_loader(loader: Any, argument: str) -> None:
+    """Raise if ``loader`` is a map-style data set: iterated directly it yields one sample at a time
+    (no batch dimension), and the model would fail on it with a message that hides why.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> check_loader(TensorDataset(torch.zeros(4, 2)), "fit(train_loader=...)")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: fit(train_loader=...): received a TensorDataset, a data set (one sample per index), ...
+    """
+    if isinstance(loader, torch.utils.data.Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
+        raise TypeError(f"{argument}: received a {type(loader).__name__}, a data set (one sample per index), not "
+                        "batches; pass torch.utils.data.DataLoader(dataset, batch_size=...) (batch_size=None for "
+                        "a data set whose items are whole batches).")

@@ -24,6 +24,7 @@ from adaptrain.core.memory_format import ChannelsLast
 from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
 from adaptrain.core.preflight import (
+    check_loader,
     check_monitors,
     check_objects,
     check_optimizer_covers,
@@ -175,6 +176,7 @@ class Trainer(TrainingLoop):
         self._hooks = self.callbacks.hooks  # the loop skips events nobody implements
         self.val_metrics = MetricSet(self.metric_specs, self.device)
         self.is_global_zero = distributed.is_global_zero()
+        self.run_dir: str | os.PathLike | None = None  # the run folder; the CLI sets it, checkpoints and loggers use it
 
     @property
     def micro_batch_size(self) -> int | None:
@@ -220,6 +222,8 @@ class Trainer(TrainingLoop):
         resumes a run exactly where its checkpoint left it.
         """
         state = self.state
+        check_loader(train_loader, "fit(train_loader=...)")
+        check_loader(val_loader, "fit(val_loader=...)")
         if state.epoch >= state.max_epochs and ckpt_path is None:
             warnings.warn(f"fit(): this trainer already ran its {state.max_epochs} epochs; nothing to do. Raise "
                           "trainer.state.max_epochs to train more, or build a new Trainer.")
@@ -280,6 +284,7 @@ class Trainer(TrainingLoop):
             >>> report.chosen["batch_size"], report.original["precision"]
             (32, '32')
         """
+        check_loader(train_loader, "tune(train_loader=...)")
         return tune(self, train_loader, budget=budget, keep_batch_size=keep_batch_size, lr=lr)
 
     def lr_find(self, train_loader: Iterable, **options: Any) -> LRFinderResult:
@@ -302,10 +307,12 @@ class Trainer(TrainingLoop):
             >>> 1e-3 < result.suggestion < 1.0, torch.equal(model.weight, weights)  # GD diverges above lr 1 here
             (True, True)
         """
+        check_loader(train_loader, "lr_find(train_loader=...)")
         return lr_find(self, train_loader, **options)
 
     def validate(self, loader: Iterable) -> dict[str, float]:
         """Evaluate on ``loader``; returns ``{"val_loss": ..., "val_<metric>": ...}``."""
+        check_loader(loader, "validate(loader=...)")
         results: dict[str, float] = {}  # not state.epoch_logs: a call from a callback mid-fit must not clobber it
         loader = parallel.shard_eval(self, loader)
         self._with_events("validate", lambda: results.update(self._run_eval(loader, "val", "val_loader")))
@@ -313,10 +320,12 @@ class Trainer(TrainingLoop):
 
     def test(self, loader: Iterable) -> dict[str, float]:
         """Like :meth:`validate`, with keys prefixed ``test_``; fires no validation events."""
+        check_loader(loader, "test(loader=...)")
         return self._run_eval(parallel.shard_eval(self, loader), "test", "test_loader")
 
     def predict(self, loader: Iterable) -> Any:
         """Model outputs over ``loader`` (batches of inputs, or (inputs, targets)), concatenated on CPU."""
+        check_loader(loader, "predict(loader=...)")
         with self._no_grad():
             return self._predict(loader)
 
