@@ -73,6 +73,8 @@ def test_the_report_names_each_trial_and_each_change_with_its_reason():
         assert alters == (key in ("batch_size", "lr", "accumulate_grad_batches"))
     table = report.table()
     assert "changes that alter the optimisation" in table and "changes that only change speed" in table
+    alters_any = any(alters for *_, alters in report.changes())  # the machine decides whether the batch changed
+    assert ("these change what the model learns" in table) == alters_any
     assert report.seconds > 0 and report.budget_s == 4
 
 
@@ -81,6 +83,8 @@ def test_keep_batch_size_changes_nothing_that_alters_the_optimisation():
     assert all(t["point"]["batch_size"] == 32 for t in report.trials)
     assert report.chosen["batch_size"] == 32 and report.chosen["lr"] == report.original["lr"]
     assert not [c for c in report.changes() if c[4]]
+    assert "changes that alter the optimisation: none" in report.table()
+    assert "these change what the model learns" not in report.table()
 
 
 def test_a_batch_that_does_not_fit_gets_a_micro_batch_and_keeps_batch_and_lr():

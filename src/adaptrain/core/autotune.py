@@ -123,6 +123,9 @@ class TuneReport:
             group = [c for c in changes if c[4] == alters]
             lines.append(f"{title}: " + ("none" if not group else ""))
             lines += [f"  {key}: {before} -> {after}  ({reason})" for key, before, after, reason, _ in group]
+            if group and alters:  # faster is not the whole story for these: the model learns differently
+                lines.append("  (these change what the model learns, not only its speed: compare the final metric, "
+                             "or keep the batch size with keep_batch_size / --keep-batch-size)")
         lines += [f"note: {note}" for note in self.notes]
         speed = f"{self.speedup:.2f}x the original's samples/s" if self.speedup else "speedup not measured"
         how = "measured side by side" if self.confirmed else "from the search's own trials"
