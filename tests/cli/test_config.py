@@ -104,6 +104,13 @@ def test_true_false_keys_take_only_true_or_false(config_file, override, shown):
     assert str(from_file.value) == f"{config_file}: {key} is {shown}; expected true or false."
 
 
+def test_a_required_true_false_key_is_filled_by_a_later_override(config_file):
+    text = config_file.read_text()
+    write_config(config_file, text.replace("trainer:\n", "trainer:\n  auto: ???\n", 1))
+    assert load_config([config_file], ["trainer.auto=true"])["trainer"]["auto"] is True
+    assert load_config([config_file])["trainer"]["auto"] is False  # merged over a default, ??? keeps it
+
+
 def test_true_false_keys_accept_booleans_null_and_interpolations(config_file):
     config = load_config([config_file], ["trainer.auto_num_workers=true", "trainer.progress=false",
                                          "data.pin_memory=null", "trainer.auto=${trainer.compile}"])

@@ -414,6 +414,20 @@ def test_an_epoch_that_ends_while_the_given_loader_is_timed_again_keeps_it():
     assert decision.settings == LoaderSettings(0) and "measured faster (150.0 samples/s)" in decision.reason
 
 
+def test_after_the_given_loader_is_timed_again_the_budget_still_prices_the_next_pool_by_the_last_one():
+    # 1 s to start 2 workers, so ~2 s for 4; the given loader's second reading (no pool, 0 s) must not make
+    # them look free. 1225 later batches at 0.04 s: a budget of ~2.6 s, 1.56 s spent; 1.56 + 2 passes it.
+    search = search_from(LoaderSettings(0), later_batches=1225)
+    search.observe(fixed_timing(LoaderSettings(0), 300.0), batches_left=40)
+    decision = search.observe(fixed_timing(search.start.settings, 200.0, start_up=1.0), batches_left=30)
+    assert decision.settings == LoaderSettings(0) and not decision.settled  # timed again at once
+    decision = search.observe(fixed_timing(LoaderSettings(0), 60.0, start_up=0.0), batches_left=24)
+    assert decision.settled and decision.settings == search.start.settings  # the workers won the second reading
+    assert "not trying num_workers=4" in decision.reason and "past 5% of this run" in decision.reason
+    # the first, fast reading did not repeat: trials are priced at the workers' speed, not at it
+    assert search.cost() == pytest.approx((1.24 - 6 * 0.04) + (0.8 - 6 * 0.04))
+
+
 def test_the_budget_stops_a_trial_whose_start_up_the_rest_of_the_run_cannot_repay():
     # 1 s to start 2 workers, 20 batches left at 0.04 s: 4 workers (~2 s to start) would pass 5%
     search = search_from(LoaderSettings(0), later_batches=0)
@@ -498,9 +512,11 @@ def test_a_loop_that_only_looks_data_bound_keeps_the_loader_it_was_given(monkeyp
     rates = {(0, None): 300.0, (2, 2): 100.0}
     asked = fake_trials(monkeypatch, lambda s: rates[s.num_workers, s.prefetch_factor])
     original = shuffled(data.classification(320))
-    trainer, tune, _ = tuned_fit(original, max_epochs=2, budget=0, rounds=1, trial_share=0)
+    val = DataLoader(data.classification(32), batch_size=16, num_workers=1)  # the user's own val workers
+    trainer, tune, _ = tuned_fit(original, val, max_epochs=2, budget=0, rounds=1, trial_share=0)
     assert [(s.num_workers, s.prefetch_factor) for s in asked] == [(0, None), (2, 2), (0, None)]
     assert trainer.state.train_loader is original and trainer.loader_settings["num_workers"] == 0
+    assert trainer.state.val_loader is val  # kept as given too: nothing was chosen over it
     out = capsys.readouterr().out
     assert "train loader kept num_workers=0: the loader as given, timed again: 300.0 samples/s" in out
 

@@ -218,3 +218,31 @@ def test_a_data_set_passed_as_a_loader_is_named_before_any_step(call, argument):
     assert "DataLoader(dataset, batch_size=...)" in str(error.value)
     assert trainer.state.global_step == 0 and trainer.state.history.records == []
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+
+
+class BatchesByIndex(torch.utils.data.Dataset):
+    """A data set that says how it iterates: whole batches (the loader check must let it through)."""
+
+    def __init__(self) -> None:
+        self.data = data.classification(32)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index):
+        return self.data[index * 8:(index + 1) * 8]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def test_a_data_set_that_defines_its_iteration_and_an_iterable_data_set_are_loaders():
+    trainer = make(max_epochs=1)
+    trainer.fit(BatchesByIndex())
+    assert trainer.state.global_step == 4
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(BatchesByIndex())
+
+    assert trainer.validate(Stream())["val_loss"] > 0

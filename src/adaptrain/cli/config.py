@@ -142,7 +142,8 @@ def check_flags(values: Mapping[str, Any], source: str) -> None:
 
 
 def _interpolation(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().startswith("${")
+    """``${...}`` (resolved later), or ``???``: OmegaConf's "required, set by a later file or override"."""
+    return isinstance(value, str) and (value.strip().startswith("${") or value.strip() == "???")
 
 
 _OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)$", re.S)

@@ -118,6 +118,7 @@ class LoaderSearch:
         self._confirming = False  # timing the given loader again: the search's best measured slower than it
         self._given_timed_again = False  # once at most
         self._resume: Decision | None = None  # the search's next step, taken if the second reading loses
+        self._outlier: Timing | None = None  # the given loader's first reading, when its second one lost
 
     def observe(self, timing: Timing, batches_left: int | None) -> Decision:
         """The next step after ``timing``; ``batches_left``: the tuning epoch's batches not yet trained
@@ -170,7 +171,7 @@ class LoaderSearch:
         where it was (its first reading was the outlier)."""
         best, resume = self.tuner.best, self._resume
         assert best is not None and resume is not None
-        self._confirming, self.baseline = False, timing
+        self._confirming, first, self.baseline = False, self.baseline, timing
         rate, error = rate_and_error(timing.rates or [max(timing.median_rate, 1e-9)])
         gain = best.samples_per_s / rate - 1
         needed = margin_needed(best.std_error, rate, error, self.tuner.min_gain, self.tuner.z)
@@ -178,6 +179,7 @@ class LoaderSearch:
                 f"{best.samples_per_s:.1f} ({gain:+.1%}; workers need +{needed:.1%})")
         if gain < needed:
             return Decision("settle", self.given, f"{line}: keeping the loader as given (more workers did not pay)")
+        self._outlier = first  # its fast round did not repeat: no speed to price the trials or the budget by
         if resume.settled:
             return Decision("settle", resume.settings, f"{line}; {resume.reason}")
         return self._within_budget(Decision("try", resume.settings, f"{line}; {resume.reason}"), batches_left)
@@ -232,7 +234,8 @@ class LoaderSearch:
         return max(matching, key=lambda t: t.median_rate) if matching else self._fastest()
 
     def _fastest(self) -> Timing | None:
-        return max(self.timings, key=lambda t: t.median_rate) if self.timings else None
+        timings = [t for t in self.timings if t is not self._outlier]
+        return max(timings, key=lambda t: t.median_rate) if timings else None
 
     def _over_budget(self, candidate: LoaderSettings, batches_left: int | None) -> str | None:
         """Why the next trial would take tuning past its budget, or None when it fits."""
@@ -242,7 +245,8 @@ class LoaderSearch:
         per_batch = fastest.seconds_per_batch
         left = (batches_left + self.later_batches) * per_batch
         ran = sum(t.seconds for t in self.timings)
-        last = self.timings[-1]
+        # the start-up to scale is a pool's: the given loader timed again (no workers) has none to go by
+        last = next((t for t in reversed(self.timings) if t.settings.num_workers), self.timings[-1])
         start_up = max(last.warmup_seconds - last.warmup_batches * per_batch, 0.0)
         cost = start_up * max(candidate.num_workers, 1) / max(last.settings.num_workers, 1)
         spent = self.cost()
@@ -444,7 +448,8 @@ class LoaderAutotune(Callback):
         keep = base is self._original and chosen == given and given.num_workers == 0
         self._replacement = base if keep else stable_loader(base, **chosen.as_dict())
         trainer.replace_train_loader(self._replacement)  # mid-epoch: from the next epoch on
-        val_before = self._apply_val(trainer, chosen if self.tune_val else None)
+        # The given loader kept: so is the val loader (its own workers, if any, are the user's choice).
+        val_before = self._apply_val(trainer, chosen if self.tune_val and chosen != given else None)
         self.chosen = chosen
         self._record(trainer, given, decision, val_before)
 

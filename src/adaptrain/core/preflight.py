@@ -185,8 +185,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def check_loader(loader: Any, argument: str) -> None:
-    """Raise if ``loader`` is a map-style data set: iterated directly it yields one sample at a time
-    (no batch dimension), and the model would fail on it with a message that hides why.
+    """Raise if ``loader`` is a map-style data set without an ``__iter__`` of its own: iterated directly
+    it yields one sample at a time (no batch dimension), and the model would fail on it with a
+    message that hides why. Iterable data sets, and data sets that define how they iterate, pass.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -195,7 +196,7 @@ def check_loader(loader: Any, argument: str) -> None:
         ...
         TypeError: fit(train_loader=...): received a TensorDataset, a data set (one sample per index), ...
     """
-    if isinstance(loader, torch.utils.data.Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
+    if isinstance(loader, torch.utils.data.Dataset) and getattr(type(loader), "__iter__", None) is None:
         raise TypeError(f"{argument}: received a {type(loader).__name__}, a data set (one sample per index), not "
                         "batches; pass torch.utils.data.DataLoader(dataset, batch_size=...) (batch_size=None for "
                         "a data set whose items are whole batches).")
