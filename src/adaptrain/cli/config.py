@@ -125,8 +125,9 @@ def _flag_keys() -> tuple[str, ...]:
 FLAG_KEYS = _flag_keys()
 
 
-def check_flags(values: Mapping[str, Any], source: str) -> None:
-    """Raise :class:`ConfigError` for a true/false key set to anything else (an interpolation is resolved later).
+def check_flags(values: Any, source: str, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for a true/false key set to anything else (an interpolation is resolved
+    later); ``values`` sits at dotted ``prefix`` (an override's key).
 
     Example:
         >>> check_flags({"trainer": {"auto": True, "auto_num_workers": 2}}, "run.yaml")
@@ -134,11 +135,9 @@ def check_flags(values: Mapping[str, Any], source: str) -> None:
         ...
         adaptrain.errors.ConfigError: run.yaml: trainer.auto_num_workers is 2; expected true or false.
     """
-    for key in FLAG_KEYS:
-        value = _lookup(values, key)
-        if value is _ABSENT or value is None or isinstance(value, bool) or _interpolation(value):
-            continue
-        raise ConfigError(key, f"is {show(value)}; expected true or false.", source)
+    for key, value in flatten(values, prefix).items():
+        if key in FLAG_KEYS and not (value is None or isinstance(value, bool) or _interpolation(value)):
+            raise ConfigError(key, f"is {show(value)}; expected true or false.", source)
 
 
 def _interpolation(value: Any) -> bool:
@@ -182,10 +181,7 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> C
     override_keys = []
     for item in overrides:
         key, value = _parse_override(item)
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        check_flags(nested, COMMAND_LINE)
+        check_flags(value, COMMAND_LINE, prefix=key)
         override_keys.append(key)
         _apply_override(config, key, value)
 

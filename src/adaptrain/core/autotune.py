@@ -130,8 +130,7 @@ class TuneReport:
         speed = f"{self.speedup:.2f}x the original's samples/s" if self.speedup else "speedup not measured"
         how = "measured side by side" if self.confirmed else "from the search's own trials"
         run_s = self.expected_run_s or 0.0
-        share = f" = {self.share:.1%} of the expected {run_s:.1f} s run" if self.share and run_s < 100 else \
-            f" = {self.share:.1%} of the expected {run_s:.0f} s run" if self.share else ""
+        share = f" = {self.share:.1%} of the expected {run_s:.{1 if run_s < 100 else 0}f} s run" if self.share else ""
         lines.append(f"chosen: {speed} ({how}); tuning took {self.seconds:.1f} s (budget {self.budget_s:.1f} s)"
                      f"{share}")
         return "\n".join(lines)

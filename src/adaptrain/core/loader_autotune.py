@@ -115,16 +115,16 @@ class LoaderSearch:
         self._timing_given = given.num_workers == 0 and given != start.settings
         self.first = given if self._timing_given else start.settings
         self.first_rounds = 1 if self._timing_given else rounds
-        self._confirming = False  # timing the given loader again: the search's best measured slower than it
         self._given_timed_again = False  # once at most
-        self._resume: Decision | None = None  # the search's next step, taken if the second reading loses
+        # While the given loader is timed again: the search's next step, taken if that second reading loses.
+        self._resume: Decision | None = None
         self._outlier: Timing | None = None  # the given loader's first reading, when its second one lost
 
     def observe(self, timing: Timing, batches_left: int | None) -> Decision:
         """The next step after ``timing``; ``batches_left``: the tuning epoch's batches not yet trained
         (None: unknown, a loader without a length; then no budget applies: the run's length is unknown)."""
         self.timings.append(timing)
-        if self._confirming:
+        if self._resume is not None:
             return self._given_again(timing, batches_left)
         if self._timing_given and self.baseline is None:
             self.baseline = timing
@@ -154,7 +154,7 @@ class LoaderSearch:
         if not self._given_timed_again and (self._given_looked_faster(self.tuner.min_gain)
                                             or (decision.settled and self._given_looked_faster())):
             assert self.baseline is not None
-            self._confirming, self._given_timed_again, self._resume = True, True, decision
+            self._given_timed_again, self._resume = True, decision
             return Decision("try", self.given, f"{decision.reason.rsplit('; trying', 1)[0]}; but the loader as "
                                                f"given measured faster ({self.baseline.median_rate:.1f} samples/s "
                                                "over one round): timing it again")
@@ -169,9 +169,9 @@ class LoaderSearch:
         """The given loader's second reading decides: the workers' best is kept only if it beats it by the
         tuner's margin (``min_gain``, or ``z`` standard errors when that is larger); then the search goes on
         where it was (its first reading was the outlier)."""
-        best, resume = self.tuner.best, self._resume
+        best, resume, first = self.tuner.best, self._resume, self.baseline
         assert best is not None and resume is not None
-        self._confirming, first, self.baseline = False, self.baseline, timing
+        self._resume, self.baseline = None, timing
         rate, error = rate_and_error(timing.rates or [max(timing.median_rate, 1e-9)])
         gain = best.samples_per_s / rate - 1
         needed = margin_needed(best.std_error, rate, error, self.tuner.min_gain, self.tuner.z)
@@ -197,7 +197,7 @@ class LoaderSearch:
         """Settle before the tuner does, with no batches left to time anything more: on the fastest
         reading (the given loader's, when it measured faster than every worker setting, even over its one
         round), else the tuner's best, else the unmeasured hardware start."""
-        if self._confirming or self._given_looked_faster():
+        if self._resume is not None or self._given_looked_faster():
             best = self.tuner.best
             assert best is not None and self.baseline is not None
             return Decision("settle", self.given, f"{why}: keeping the loader as given, measured faster "
