@@ -26,6 +26,7 @@ from adaptrain import (
     Trainer,
     seed_everything,
 )
+from adaptrain.core.metrics import WeightedMean
 from tests.common import data, models
 
 
@@ -289,7 +290,9 @@ class SyncCounter(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("refresh", [5, 40])
-def test_no_host_sync_per_step(refresh):
+def test_no_host_sync_per_step(refresh, monkeypatch):
+    # As on an accelerator, where reading a value is a sync: the sums keep the values (the CPU reads at once).
+    monkeypatch.setattr(WeightedMean, "for_device", staticmethod(lambda device: WeightedMean(defer=True)))
     loader = data.loader(data.classification(640), batch_size=8)  # 80 batches
     trainer = make_trainer(max_epochs=1, log_every_n_steps=refresh,
                            metrics={"acc": lambda o, t: (o.argmax(1) == t).float().mean()})
@@ -298,6 +301,27 @@ def test_no_host_sync_per_step(refresh):
         trainer.fit(loader)
     reads_per_refresh = 3  # first-NaN check, loss, one metric
     assert counter.count <= (80 // refresh + 1) * reads_per_refresh + 2
+
+
+def test_on_the_cpu_values_are_read_as_their_step_commits_and_give_the_deferred_sums():
+    # A CPU value is read at no sync cost; reading it at once is cheaper than folding it later.
+    def fit(defer):
+        with pytest.MonkeyPatch.context() as patch:
+            if defer:
+                patch.setattr(WeightedMean, "for_device", staticmethod(lambda device: WeightedMean(defer=True)))
+            trainer = make_trainer(max_epochs=2, log_every_n_steps=40,
+                                   metrics={"acc": lambda o, t: (o.argmax(1) == t).float().mean()})
+            counter = SyncCounter()
+            with counter:
+                history = trainer.fit(data.loader(data.classification(640), batch_size=8))  # 80 batches
+        return counter.count, history
+
+    reads_at_once, at_once = fit(defer=False)
+    reads_deferred, deferred = fit(defer=True)
+    assert reads_at_once >= 2 * 80 * 2  # the loss and the metric of every batch, 2 epochs
+    assert reads_deferred < 2 * 80
+    for key in ("train_loss", "train_acc"):
+        assert at_once[key] == pytest.approx(deferred[key], rel=1e-6)  # float64 vs float32 sums
 
 
 def test_gradients_set_to_none_and_eval_in_inference_mode():

@@ -126,13 +126,13 @@ class EvaluationLoop:
     def _evaluate(self, loader: Iterable, prefix: str, loader_name: str) -> dict[str, float]:
         self.model.eval()
         self.val_metrics.reset()
-        losses: dict[str, WeightedMean] = {"loss": WeightedMean()}
+        losses: dict[str, WeightedMean] = {"loss": WeightedMean.for_device(self.device)}
         for batch in loader:
             inputs, targets = unpack_batch(batch, loader_name)
             outputs, loss, parts = self._forward(inputs, targets, loader_name, self._eval_model)
             batch_size = batch_size_of(inputs, targets)
             for name, value in {"loss": loss, **parts}.items():
-                losses.setdefault(name, WeightedMean()).update(value, batch_size)
+                losses.setdefault(name, WeightedMean.for_device(self.device)).update(value, batch_size)
             self.val_metrics.update(outputs, targets, batch_size)
         values = {name: mean.compute() for name, mean in losses.items()}
         values.update(self.val_metrics.compute())
