@@ -11,6 +11,7 @@ from torch import nn
 
 from adaptrain import Callback, CancelStepException, Trainer
 from adaptrain.core.batching import split_micro_batches
+from adaptrain.core.loop import TrainingLoop
 from tests.common import data
 
 
@@ -243,3 +244,73 @@ class CountBatches(Callback):
 
     def before_step(self, trainer):
         self.windows.append(len(trainer.state.window.batches))
+
+
+class StepRecord(Callback):
+    """What the events a plain run fires see: position, step, lr and running loss (no before_* hook:
+    implementing one would send the run down the windowed path)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        state = trainer.state
+        self.seen.append(("after_step", state.batch_idx, state.global_step, state.step_lr, state.lr))
+
+    def after_batch(self, trainer: Trainer) -> None:
+        self.seen.append(("after_batch", trainer.state.batch_idx, dict(trainer.state.running)))
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.seen.append(("after_train", trainer.state.global_step))
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (outputs.argmax(1) == targets).float().mean()
+
+
+def run_plain_candidate(options: dict) -> tuple[Trainer, StepRecord]:
+    model, record = OOMAt(), StepRecord()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3) if options.get("scheduler") else None
+    trainer = Trainer(model, optimizer, nn.CrossEntropyLoss(), metrics=options.get("metrics"), scheduler=scheduler,
+                      precision=options.get("precision", "32"), progress=False, seed=0, device="cpu", max_epochs=2,
+                      log_every_n_steps=2, callbacks=[record])
+    if scheduler is not None:
+        trainer.state.scheduler_interval = "step"
+    trainer.fit(data.loader(data.classification(n=36), batch_size=8, shuffle=True))  # 5 batches, the last of 4
+    return trainer, record
+
+
+@pytest.mark.parametrize("options", [{}, {"metrics": {"acc": accuracy}}, {"scheduler": True},
+                                     {"precision": "16-mixed"}], ids=["fp32", "metrics", "step-scheduler", "16-mixed"])
+def test_plain_batches_train_exactly_as_the_windowed_path(options, monkeypatch):
+    """The plain path (no window bookkeeping) is an optimisation only: weights, history and what every
+    event sees are those of the general path, bit for bit."""
+    plain_batches = []
+    general = TrainingLoop._train_plain_batch
+    monkeypatch.setattr(TrainingLoop, "_train_plain_batch",
+                        lambda self, batch: (plain_batches.append(1), general(self, batch))[1])
+    plain, plain_record = run_plain_candidate(options)
+    assert len(plain_batches) == 10  # every batch of both epochs took the plain path
+    monkeypatch.setattr(TrainingLoop, "_plain_steps", lambda self: False)
+    windowed, windowed_record = run_plain_candidate(options)
+    assert len(plain_batches) == 10  # none more: the windowed run did not
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain), weights(windowed)))
+    timing = {"epoch_time", "samples_per_s", "data_time", "compute_time"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in plain.state.history.records] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in windowed.state.history.records]
+    assert plain_record.seen == windowed_record.seen and len(plain_record.seen) == 22
+    assert plain.state.global_step == windowed.state.global_step == 10
+
+
+def test_a_mid_epoch_oom_moves_the_following_batches_to_the_windowed_path(monkeypatch):
+    """After the OOM policy splits the batch, the plain path no longer applies: the next batch is windowed."""
+    taken = []
+    for name in ("_train_plain_batch", "_train_batch"):
+        original = getattr(TrainingLoop, name)
+        monkeypatch.setattr(TrainingLoop, name, lambda self, batch, name=name, original=original:
+                            (taken.append(name), original(self, batch))[1])
+    recovered = fit(OOMAt(fail_calls={2}), cls=HalvingTrainer, epochs=1)  # the 2nd batch's forward fails
+    assert taken == ["_train_plain_batch"] * 2 + ["_train_batch"] * 3 and recovered.micro_batch_size == 4
+    reference = fit(OOMAt(), epochs=1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(recovered), weights(reference)))

@@ -56,13 +56,13 @@ class WeightedMean:
         return WeightedMean(defer=device.type != "cpu")
 
     def update(self, value: torch.Tensor, weight: int, tag: int = -1) -> None:
-        if value.requires_grad:  # the loop passes detached losses: a second detach() costs ~0.5 µs a step
-            value = value.detach()
         self.count += weight
         if self.defer:
+            if value.requires_grad:  # a kept value must not keep its graph (the window's losses come detached)
+                value = value.detach()
             self._pending.append((value if value.dim() == 0 else value.reshape(()), weight, tag))  # 0-d: stacked as is
             return
-        number = value.item()
+        number = value.item()  # item() reads a value that requires grad as is: no detach() (~1 µs) needed
         if self._unflushed_bad is None and not math.isfinite(number):
             self._unflushed_bad = tag
         self.total += number * weight
