@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from adaptrain.core.batch_options import AdaptiveBatchSize
 from adaptrain.core.batching import batch_size_of, unpack_batch
 from adaptrain.core.loader_trials import stable_loader
-from adaptrain.core.loop import OOM_ERRORS
 from adaptrain.core.scheduling import check_rescalable, rescale_schedule
+from adaptrain.core.step import OOM_ERRORS
 from adaptrain.data.loaders import LoaderSpec, is_default_batching, loader_batch_size
 from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError

@@ -28,9 +28,9 @@ import torch
 
 from adaptrain.core.batch_sizing import MemoryGauge
 from adaptrain.core.loader_trials import TooFewBatches, time_trial
-from adaptrain.core.loop import OOM_ERRORS
 from adaptrain.core.memory_format import ChannelsLast
 from adaptrain.core.precision import build_precision
+from adaptrain.core.step import OOM_ERRORS
 from adaptrain.data.loaders import loader_batch_size, loader_settings
 from adaptrain.tuning.autotune import Measurement
 from adaptrain.tuning.loader_tuning import LoaderSettings
