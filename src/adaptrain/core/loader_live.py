@@ -48,7 +48,7 @@ from adaptrain.data.loaders import LoaderSpec, loader_length
 from adaptrain.tuning.loader_tuning import Decision, LoaderSettings
 
 if TYPE_CHECKING:
-    from adaptrain.core.loader_autotune import LoaderSearch
+    from adaptrain.core.loader_search import LoaderSearch
 
 __all__ = ["LiveTrialLoader", "live_trial_loader"]
 
