@@ -47,6 +47,19 @@ def test_a_nonfinite_value_not_reported_yet_survives_a_state_dict_round_trip(def
     assert restored.first_nonfinite() == -1  # reported once; the total is NaN from now on
 
 
+def test_a_deferred_checkpoint_resumed_on_the_cpu_reports_its_own_nan_first():
+    """A GPU run's checkpoint (values kept, a NaN among them) resumed on the CPU (values added at once):
+    the checkpoint's NaN came first, so it is the one named, not a later Inf."""
+    deferred = WeightedMean(defer=True)
+    deferred.update(torch.tensor(1.0), 2, tag=1)
+    deferred.update(torch.tensor(float("nan")), 2, tag=3)
+    resumed = WeightedMean(defer=False)
+    resumed.load_state_dict(deferred.state_dict(), torch.device("cpu"))
+    resumed.update(torch.tensor(float("inf")), 2, tag=5)
+    assert resumed.first_nonfinite() == 3 and resumed.flush(find_nonfinite=True) == 3
+    assert resumed.count == 6
+
+
 def test_values_added_at_once_and_deferred_give_the_same_mean():
     values = [(torch.tensor(0.25), 3), (torch.tensor(1.5), 1), (torch.tensor(-2.0), 5)]
     at_once, deferred = WeightedMean.for_device(torch.device("cpu")), WeightedMean(defer=True)

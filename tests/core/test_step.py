@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
 import pytest
@@ -247,11 +248,14 @@ class CountBatches(Callback):
 
 
 class StepRecord(Callback):
-    """What the events a plain run fires see: position, step, lr and running loss (no before_* hook:
-    implementing one would send the run down the windowed path)."""
+    """What the events a plain run fires see: position, step, lr and running loss (no after_backward or
+    before_step hook: implementing one sends the run down the windowed path)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple] = []
+
+    def before_batch(self, trainer: Trainer) -> None:
+        self.seen.append(("before_batch", trainer.state.batch_idx, trainer.state.global_step))
 
     def after_step(self, trainer: Trainer) -> None:
         state = trainer.state
@@ -292,14 +296,14 @@ def test_plain_batches_train_exactly_as_the_windowed_path(options, monkeypatch):
                         lambda self, batch: (plain_batches.append(1), general(self, batch))[1])
     plain, plain_record = run_plain_candidate(options)
     assert len(plain_batches) == 10  # every batch of both epochs took the plain path
-    monkeypatch.setattr(TrainingLoop, "_plain_steps", lambda self: False)
+    monkeypatch.setattr(TrainingLoop, "_plain_step_applies", lambda self: False)
     windowed, windowed_record = run_plain_candidate(options)
     assert len(plain_batches) == 10  # none more: the windowed run did not
     assert all(torch.equal(a, b) for a, b in zip(weights(plain), weights(windowed)))
     timing = {"epoch_time", "samples_per_s", "data_time", "compute_time"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in plain.state.history.records] == \
         [{k: v for k, v in r.items() if k not in timing} for r in windowed.state.history.records]
-    assert plain_record.seen == windowed_record.seen and len(plain_record.seen) == 22
+    assert plain_record.seen == windowed_record.seen and len(plain_record.seen) == 32
     assert plain.state.global_step == windowed.state.global_step == 10
 
 
@@ -314,3 +318,114 @@ def test_a_mid_epoch_oom_moves_the_following_batches_to_the_windowed_path(monkey
     assert taken == ["_train_plain_batch"] * 2 + ["_train_batch"] * 3 and recovered.micro_batch_size == 4
     reference = fit(OOMAt(), epochs=1)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(recovered), weights(reference)))
+
+
+class FailsInBackward(torch.autograd.Function):
+    """Identity forward; the first backward after ``armed`` raises a (simulated) OOM."""
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if FailsInBackward.armed:
+            FailsInBackward.armed = False
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, in backward)")
+        return grad
+
+
+class WideWithBackwardOOM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 1024), nn.Linear(1024, 3)
+        self.made = None
+
+    def forward(self, x):
+        hidden = torch.relu(self.a(x))
+        if self.made is None:
+            self.made = weakref.ref(hidden)
+        return FailsInBackward.apply(self.b(hidden))
+
+
+def loss_with_parts(outputs, targets):
+    ce = nn.functional.cross_entropy(outputs, targets)
+    return {"loss": ce, "aux": ce * 0.5}
+
+
+class RecordsRetry(Trainer):
+    """Splits the batch after an OOM; records whether the failed attempt's activation was freed by then,
+    and what exception after_step of the recovered step runs under."""
+
+    def on_out_of_memory(self, error: BaseException) -> None:
+        gc.collect()
+        self.freed = self.model.made() is None
+        self.micro_batch_size = 4
+
+
+class ExceptionAtStep(Callback):
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.seen.append(sys.exc_info()[0])
+
+
+@pytest.mark.parametrize("path", ["plain", "windowed"])
+def test_an_oom_in_backward_frees_the_attempt_and_the_retry_runs_outside_the_oom(path, monkeypatch):
+    """The loss parts (a dict criterion) hold the failed attempt's graph too; and the recovered step's
+    callbacks must not run inside the OOM's handler (its errors would be chained to the OOM)."""
+    if path == "windowed":
+        monkeypatch.setattr(TrainingLoop, "_plain_step_applies", lambda self: False)
+    model, seen = WideWithBackwardOOM(), ExceptionAtStep()
+    trainer = RecordsRetry(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_with_parts, progress=False,
+                           seed=0, device="cpu", max_epochs=1, callbacks=[seen])
+    FailsInBackward.armed = True
+    trainer.fit(data.loader(data.classification(n=16), batch_size=8))
+    assert not FailsInBackward.armed and trainer.micro_batch_size == 4  # the OOM happened and was recovered
+    assert trainer.freed and seen.seen == [None, None] and trainer.state.global_step == 2
+
+
+class AccumulateUntil(Callback):
+    """Accumulates 2 batches a step, then from batch ``switch_after`` on, 1 (a change in mid-window)."""
+
+    def __init__(self, switch_after: int) -> None:
+        self.switch_after = switch_after
+        self.steps_after_batch: list[int] = []  # global_step after each batch (no before_step hook: that
+        # would keep the run off the plain path)
+
+    def after_batch(self, trainer: Trainer) -> None:
+        self.steps_after_batch.append(trainer.state.global_step)
+        if trainer.state.batch_idx == self.switch_after:
+            trainer.state.accumulate_grad_batches = 1
+
+
+def test_accumulation_switched_off_mid_window_closes_the_window_before_plain_batches(monkeypatch):
+    runs = []
+    for windowed in (False, True):
+        if windowed:
+            monkeypatch.setattr(TrainingLoop, "_plain_step_applies", lambda self: False)
+        switch = AccumulateUntil(switch_after=3)
+        trainer = fit(OOMAt(), accumulate=2, epochs=1, callbacks=[switch])
+        runs.append((trainer, switch.steps_after_batch))
+    (plain, plain_steps), (windowed, windowed_steps) = runs
+    assert windowed_steps == [0, 1, 1, 2, 3]  # batches [1 2] [3 4] [5]: the switch after 3 waits for the window
+    assert plain_steps == windowed_steps and plain.state.global_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain), weights(windowed)))
+    assert plain.state.history["train_loss"] == windowed.state.history["train_loss"]
+
+
+def test_a_run_with_model_checkpoint_takes_the_plain_path(tmp_path, monkeypatch):
+    """ModelCheckpoint's signal handling implements before_batch (release held signals): the plain path
+    fires it like the windowed one, so checkpointed runs keep the cheaper step."""
+    from adaptrain import ModelCheckpoint
+
+    plain_batches = []
+    general = TrainingLoop._train_plain_batch
+    monkeypatch.setattr(TrainingLoop, "_train_plain_batch",
+                        lambda self, batch: (plain_batches.append(1), general(self, batch))[1])
+    trainer = fit(OOMAt(), epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="train_loss")])
+    assert trainer._hooks["before_batch"] and len(plain_batches) == 5
+    assert (tmp_path / "last.ckpt").exists()

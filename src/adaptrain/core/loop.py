@@ -8,8 +8,8 @@ Read top to bottom, it is the pseudocode of :mod:`adaptrain.core.events`. Every 
 lives on ``self.state`` (:class:`~adaptrain.TrainState`); features plug in through events and the
 state, not through branches here.
 
-Most runs use none of what the window is for (accumulation, micro-batches, several ranks, callbacks
-that replace or cancel a batch before its step): their batches take
+Most runs use none of what the window is for (accumulation, micro-batches, several ranks, clipping,
+callbacks that act between a backward and its step): their batches take
 :meth:`TrainingLoop._train_plain_batch`, the same stages in the same order with the values tracked
 right after the step.
 """
@@ -87,15 +87,14 @@ class TrainingLoop(StepLoop):
         epoch_start = time.perf_counter()
         samples_before = state.samples_seen
         batches = self._epoch_batches()
-        plain = self._plain_steps()
+        plain_step_applies = self._plain_step_applies
         clock = time.perf_counter
         try:
             fetch_start = clock()
             for batch in self._limited(batches):
                 compute_start = clock()
                 state.data_time += compute_start - fetch_start
-                # accumulation and micro-batches can change mid-epoch (an OOM halves the micro-batch)
-                if plain and state.accumulate_grad_batches == 1 and state.micro_batch_size is None:
+                if plain_step_applies():  # asked per batch: an OOM mid-epoch splits the next ones
                     self._train_plain_batch(batch)
                 else:
                     self._train_batch(batch)
@@ -148,10 +147,7 @@ class TrainingLoop(StepLoop):
         inputs, targets = self._count_batch(batch)
         try:
             if hooks[BEFORE_BATCH]:
-                self.callbacks.fire(BEFORE_BATCH, self)
-            if state.batch is not batch:  # before_batch replaced the batch
-                inputs, targets = unpack_batch(state.batch, "train_loader")
-                state.batch_samples = batch_size_of(inputs, targets)
+                inputs, targets = self._before_batch(batch, inputs, targets)
             index, samples = state.batch_idx, state.batch_samples
             window.batches.append((inputs, targets, index, samples))
             self._accumulate_or_recompute(inputs, targets, index, samples)
@@ -170,31 +166,37 @@ class TrainingLoop(StepLoop):
         if hooks[AFTER_BATCH]:
             self.callbacks.fire(AFTER_BATCH, self)
 
-    def _plain_steps(self) -> bool:
-        """Whether this epoch's batches may take :meth:`_train_plain_batch`: one process, no clipping, NaN
-        losses raise, and no callback can replace or cancel a batch before its step. (Accumulation and
-        micro-batches, which can change mid-epoch, are checked batch by batch.)"""
-        hooks = self._hooks
-        return (self.strategy is None and self.gradient_clip_val is None and self.nan_policy == "raise"
-                and not (hooks[BEFORE_BATCH] or hooks[AFTER_BACKWARD] or hooks[BEFORE_STEP]))
+    def _plain_step_applies(self) -> bool:
+        """Whether the next batch may take :meth:`_train_plain_batch`: no window open, none needed (no
+        accumulation, no micro-batches, one process), no clipping, NaN losses raise, and no callback that
+        could act between its backward and its step."""
+        state, hooks = self.state, self._hooks
+        return (state.accumulate_grad_batches == 1 and state.micro_batch_size is None and not state.window.batches
+                and self.strategy is None and self.gradient_clip_val is None and self.nan_policy == "raise"
+                and not hooks[AFTER_BACKWARD] and not hooks[BEFORE_STEP])
 
     def _train_plain_batch(self, batch: Any) -> None:
-        """:meth:`_train_batch` where the window has nothing to do (:meth:`_plain_steps`, no accumulation,
-        unsplit): one loader batch is one forward/backward and one step that nothing can cancel before it
-        is taken, so its values are tracked right after it. The same stages, values and order, without the
-        window's bookkeeping: on the peer benchmark's tiny MLP, ~5 µs of the loop's ~20 µs a step. An OOM
-        goes the general way (the batch into the window, the recompute with smaller micro-batches)."""
+        """:meth:`_train_batch` where the window has nothing to do (:meth:`_plain_step_applies`): one loader
+        batch is one forward/backward and one step that nothing can cancel once the backward ran, so its
+        values are tracked right after the step. The same stages, values and order, without the window's
+        bookkeeping: on the peer benchmark's tiny MLP, ~5 µs of the loop's ~20 µs a step. An OOM goes the
+        general way (the batch into the window, the recompute with smaller micro-batches)."""
         state, hooks, optimizer = self.state, self._hooks, self.state.optimizer
         inputs, targets = self._count_batch(batch)
         try:
+            if hooks[BEFORE_BATCH]:  # a cancel here comes before any backward: nothing to drop
+                inputs, targets = self._before_batch(batch, inputs, targets)
+            outputs = loss = parts = failed = None
             try:
                 outputs, loss, parts = self._forward(inputs, targets, "train_loader")
                 state.outputs, state.loss = outputs, loss
                 state.precision.backward(loss)
             except OOM_ERRORS as error:
-                outputs = loss = None  # the failed attempt's activations: freed before the retry
+                failed = error
+            if failed is not None:  # outside the except block, like the windowed path (see _retry_window)
+                del outputs, loss, parts  # this frame's hold on the failed attempt's graph and activations
                 state.window.batches.append((inputs, targets, state.batch_idx, state.batch_samples))
-                self._retry_window(error)
+                self._retry_window(failed)
                 self._step()
             else:
                 state.precision.unscale(optimizer)
@@ -209,10 +211,20 @@ class TrainingLoop(StepLoop):
                     self._raise_interrupt()
             if state.batch_idx % self.log_every_n_steps == 0:
                 self._refresh()
-        except CancelBatchException:  # raised after the step (after_step): nothing to drop
+        except CancelBatchException:  # from before_batch or after_step: no gradient waits to be dropped
             self.callbacks.fire(AFTER_CANCEL_BATCH, self)
         if hooks[AFTER_BATCH]:
             self.callbacks.fire(AFTER_BATCH, self)
+
+    def _before_batch(self, batch: Any, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        """Fire before_batch, which may cancel the batch or replace it (``state.batch``): what to train on."""
+        self.callbacks.fire(BEFORE_BATCH, self)
+        state = self.state
+        if state.batch is batch:
+            return inputs, targets
+        inputs, targets = unpack_batch(state.batch, "train_loader")
+        state.batch_samples = batch_size_of(inputs, targets)
+        return inputs, targets
 
     def _count_batch(self, batch: Any) -> tuple[Any, Any]:
         """The fetched batch's inputs and targets; the position moves past it (in samples and batches)."""

@@ -1,4 +1,4 @@
-"""Metrics accumulated on the device and read only when asked (at refresh points and epoch end).
+"""Losses and metrics accumulated without a host-device sync per step, read at refresh points and epoch end.
 
 torchmetrics ``Metric`` objects use their own update/compute/reset. Plain callables
 ``fn(outputs, targets) -> tensor`` return a batch mean; they are weighted by batch size, so the
@@ -97,8 +97,9 @@ class WeightedMean:
         return tensor
 
     def first_nonfinite(self) -> int | None:
-        """The tag of the first NaN/Inf value (pending or already folded into the total; -1 for the
-        total), without folding anything: a host-device sync that leaves the sums as they are."""
+        """The tag of the first NaN/Inf value (one added at once and not reported yet, a pending one, or
+        -1 for one already folded into the total), without folding anything: on an accelerator a
+        host-device sync that leaves the sums as they are."""
         if self._unflushed_bad is not None:
             return self._unflushed_bad
         if self._pending:
@@ -142,6 +143,8 @@ class WeightedMean:
         if state.get("pending") is not None:
             self._pending = list(zip(to_device(state["pending"]).unbind(), state["weights"], state["tags"]))
         self._unflushed_bad = state.get("unflushed_bad")  # absent before 2026-12-03
+        if not self.defer and self._pending:  # a deferred mean's checkpoint resumed on the CPU: its values
+            self._unflushed_bad = self.flush(find_nonfinite=True)  # come before any added from now on
 
 class MetricSet:
     """The metrics of one phase (train or val), each a copy of the user's object.
@@ -240,10 +243,11 @@ class MetricSet:
 
 
 class RunningSums:
-    """The running epoch's loss, loss parts and train metrics, accumulated on the device.
+    """The running epoch's loss, loss parts and train metrics (losses: :meth:`WeightedMean.for_device`).
 
-    Values are added once their optimizer step succeeded (see ``Window.tracked``); reading them
-    (:meth:`values`) is a host-device sync, paid at refresh points only.
+    Values are added once their optimizer step succeeded (the windowed path keeps them in
+    ``Window.tracked`` until then); reading them (:meth:`values`) is a host-device sync on an
+    accelerator, paid at refresh points only.
 
     Example:
         >>> sums = RunningSums({}, torch.device("cpu"))
