@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 
 import torch
@@ -84,8 +85,16 @@ def ensure_process_group(device: torch.device | None = None) -> bool:
 
 
 def end_process_group() -> None:
-    """Destroy the default process group if it is still up (a local call: no collective)."""
+    """Destroy the default process group if it is still up (a local call: no collective).
+
+    Garbage is collected first, while the interpreter is whole. A finished trainer is a reference
+    cycle (trainer, state, callbacks), so its DDP wrapper, whose reducer holds the group, outlived
+    ``destroy_process_group`` (seen in every 2-rank CLI run) and was freed in interpreter teardown,
+    where gloo's threads release tensors that need the GIL: a rank then aborts after its work is
+    done ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291).
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
