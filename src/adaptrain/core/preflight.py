@@ -8,7 +8,8 @@
 - a precision this CPU is known to run slowly gets one warning;
 - the objects and the device ``Trainer`` is given are what it takes, and exist on this machine.
 
-Each check is a function of plain values where it can be, so it is tested without training.
+Each check is a function of plain values where it can be, so it is tested without training;
+:func:`preflight` runs the pre-step ones at the start of ``fit``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -24,6 +25,9 @@ from adaptrain.core.callback import overrides
 from adaptrain.core.settings import setting_error
 from adaptrain.distributed import env as distributed
 from adaptrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from adaptrain.core.trainer import Trainer
 
 MONITOR_PREFIXES = ("train_", "val_")
 
@@ -200,3 +204,26 @@ def check_loader(loader: Any, argument: str) -> None:
         raise TypeError(f"{argument}: received a {type(loader).__name__}, a data set (one sample per index), not "
                         "batches; pass torch.utils.data.DataLoader(dataset, batch_size=...) (batch_size=None for "
                         "a data set whose items are whole batches).")
+
+
+def preflight(trainer: Trainer, fresh: bool) -> None:
+    """Checks before the first step: schedule length, a sanity pass over val batches, monitored names."""
+    state = trainer.state
+    run_steps = state.steps_per_epoch * state.max_epochs if state.steps_per_epoch else None
+    problem = fresh and schedule_too_long(state.scheduler, run_steps, state.steps_per_epoch,
+                                          state.scheduler_interval)
+    if problem:
+        warnings.warn(problem)
+    slow = trainer.device.type == "cpu" and slow_cpu_precision(trainer.precision.name)
+    if slow:
+        warn_once(slow)
+    val_keys = trainer._sanity_check() if state.val_loader is not None else []
+    if any(writes_records(cb) for cb in trainer.callbacks):
+        return  # a callback of the user's may add the monitored value: its owner checks it at the epoch end
+    metric_keys = [f"train_{name}" for name, _, _ in trainer.train_metrics.entries]
+    produced = [*val_keys, *train_keys(val_keys), "train_loss", *metric_keys]
+    named = monitored_names(trainer.callbacks, trainer._schedule.plateau_monitor(state))
+    monitors = [(field, name) for field, name in named
+                if (name.startswith("val_") and val_keys) or (name.startswith("train_") and
+                                                                (val_keys or not name.startswith("train_loss_")))]
+    check_monitors(monitors, produced)  # without a val loader, the callbacks name that problem themselves

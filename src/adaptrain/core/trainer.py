@@ -25,16 +25,10 @@ from adaptrain.core.metrics import MetricSet, RunningSums
 from adaptrain.core.precision import Precision, resolve_precision
 from adaptrain.core.preflight import (
     check_loader,
-    check_monitors,
     check_objects,
     check_optimizer_covers,
-    monitored_names,
+    preflight,
     resolve_device,
-    schedule_too_long,
-    slow_cpu_precision,
-    train_keys,
-    warn_once,
-    writes_records,
 )
 from adaptrain.core.progress import ProgressBar
 from adaptrain.core.resume import apply_checkpoint, read_checkpoint
@@ -248,7 +242,7 @@ class Trainer(TrainingLoop):
             if state.epoch >= state.max_epochs:
                 warnings.warn(f"fit(ckpt_path=...): the checkpoint is at epoch {state.epoch} and max_epochs is "
                               f"{state.max_epochs}: nothing left to train. Raise max_epochs to train more.")
-        self._preflight(fresh=ckpt_path is None and state.epoch == 0)
+        preflight(self, fresh=ckpt_path is None and state.epoch == 0)
         planned_epochs = state.max_epochs
         if self.limit_batches:
             state.max_epochs = state.epoch + 1  # a dry run: one short epoch from wherever the run is
@@ -379,28 +373,6 @@ class Trainer(TrainingLoop):
         if length is not None and self.limit_batches:
             length = min(length, self.limit_batches)
         return math.ceil(length / self.state.accumulate_grad_batches) if length is not None else None
-
-    def _preflight(self, fresh: bool) -> None:
-        """Checks before the first step: schedule length, a sanity pass over val batches, monitored names."""
-        state = self.state
-        run_steps = state.steps_per_epoch * state.max_epochs if state.steps_per_epoch else None
-        problem = fresh and schedule_too_long(state.scheduler, run_steps, state.steps_per_epoch,
-                                              state.scheduler_interval)
-        if problem:
-            warnings.warn(problem)
-        slow = self.device.type == "cpu" and slow_cpu_precision(self.precision.name)
-        if slow:
-            warn_once(slow)
-        val_keys = self._sanity_check() if state.val_loader is not None else []
-        if any(writes_records(cb) for cb in self.callbacks):
-            return  # a callback of the user's may add the monitored value: its owner checks it at the epoch end
-        metric_keys = [f"train_{name}" for name, _, _ in self.train_metrics.entries]
-        produced = [*val_keys, *train_keys(val_keys), "train_loss", *metric_keys]
-        named = monitored_names(self.callbacks, self._schedule.plateau_monitor(state))
-        monitors = [(field, name) for field, name in named
-                    if (name.startswith("val_") and val_keys) or (name.startswith("train_") and
-                                                                    (val_keys or not name.startswith("train_loss_")))]
-        check_monitors(monitors, produced)  # without a val loader, the callbacks name that problem themselves
 
     def on_out_of_memory(self, error: BaseException) -> None:
         """An OOM in a step: with ``micro_batch_size`` or ``adaptive_batch_size`` set, halve the
