@@ -100,10 +100,12 @@ def test_an_output_that_is_a_folder_is_refused_before_any_trial(tmp_path, capsys
     assert "--output" in capsys.readouterr().err
 
 
-def test_tune_lr_writes_the_finders_suggestion_into_the_optimizer(tmp_path):
+def test_tune_lr_writes_the_finders_suggestion_into_the_optimizer(tmp_path, capsys):
     output = tmp_path / "lr.yaml"
     assert main(["tune", "--config", str(EXAMPLE), "--budget", "3", "--keep-batch-size", "--lr", "--output",
                  str(output), *SHORT]) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith(f"wrote {output}: ") and "optimizer.init_args.lr" in closing  # the key, not "lr"
     text = output.read_text()
     written = flatten(dict(load_config([output])))
     assert written["data.batch_size"] == 32

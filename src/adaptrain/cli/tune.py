@@ -97,9 +97,21 @@ def run_tune(args: argparse.Namespace, config: dict[str, Any], echo: Any) -> int
     tree, changes = tuned_config(original, report, writable, loader_batch_size(built.loaders.val))
     write_tuned_yaml(output, tree, changes, report, args.config)
     echo(report.table())
-    echo(f"wrote {output}: {len(changes)} change{'s' if len(changes) != 1 else ''}; "
-         f"train with: adaptrain fit --config {output}")
+    echo(written_line(output, changes))
     return 0
+
+
+def written_line(output: Path, changes: Sequence[Change]) -> str:
+    """The closing line: the file and the config keys it changed. The table above names settings
+    (``lr``); the file holds them under their own keys (``scheduler.init_args.max_lr``, ...).
+
+    Example:
+        >>> written_line(Path("tuned.yaml"), [("data.batch_size", 32, 256, "faster", True)])
+        'wrote tuned.yaml: 1 change (data.batch_size); train with: adaptrain fit --config tuned.yaml'
+    """
+    keys = f" ({', '.join(key for key, *_ in changes)})" if changes else ""
+    return (f"wrote {output}: {len(changes)} change{'s' if len(changes) != 1 else ''}{keys}; "
+            f"train with: adaptrain fit --config {output}")
 
 
 def _check_output(output: Path) -> Path:
