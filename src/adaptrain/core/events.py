@@ -91,3 +91,6 @@ CANCEL_EXCEPTIONS = {
     "step": CancelStepException,
     "validate": CancelValidateException,
 }
+
+#: stage -> its three event names (before_, after_cancel_, after_), for the loop's written-out stages.
+STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{stage}") for stage in CANCEL_EXCEPTIONS}

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from adaptrain.core.batching import batch_size_of, detached, unpack_batch
 from adaptrain.core.events import (
+    CANCEL_EXCEPTIONS,
+    STAGE_EVENTS,
     CancelBatchException,
     CancelEpochException,
     CancelTrainException,
@@ -29,7 +31,7 @@ from adaptrain.core.events import (
 )
 from adaptrain.core.history import ordered_record
 from adaptrain.core.state import rng_state, set_rng_state
-from adaptrain.core.step import AFTER_STEP, BEFORE_STEP, CANCEL_EXCEPTIONS, OOM_ERRORS, STAGE_EVENTS, StepLoop
+from adaptrain.core.step import AFTER_STEP, BEFORE_STEP, OOM_ERRORS, StepLoop
 from adaptrain.data.loaders import loader_length, loader_rng_state, set_loader_rng_state, shutdown_workers
 from adaptrain.errors import NonFiniteLossError
 

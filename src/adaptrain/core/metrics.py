@@ -146,6 +146,7 @@ class WeightedMean:
         if not self.defer and self._pending:  # a deferred mean's checkpoint resumed on the CPU: its values
             self._unflushed_bad = self.flush(find_nonfinite=True)  # come before any added from now on
 
+
 class MetricSet:
     """The metrics of one phase (train or val), each a copy of the user's object.
 

@@ -1,13 +1,13 @@
 """One optimizer step: the retryable unit the loop (:mod:`adaptrain.core.loop`) takes per window.
 
-Each loader batch of the accumulation window is kept
-(by reference) in ``state.window`` until its step is taken; forward and backward run per
-micro-batch, and what a micro-batch adds to the epoch's loss and metrics waits in the window too,
-to be tracked only once the step succeeded. So when a micro-batch runs out of memory, the window's
-gradients are dropped and the whole step is recomputed with smaller micro-batches
-(:meth:`StepLoop._recompute_window`): nothing is counted twice and no step is lost. The retry
-covers the whole window (not one loader batch) because the gradients of its earlier batches are
-already mixed into ``.grad``; what it costs is recomputing at most one window after an OOM.
+Each loader batch of the accumulation window is kept (by reference) in ``state.window`` until its
+step is taken; forward and backward run per micro-batch, and what a micro-batch adds to the epoch's
+loss and metrics waits in the window too, to be tracked only once the step succeeded. So when a
+micro-batch runs out of memory, the window's gradients are dropped and the whole step is recomputed
+with smaller micro-batches (:meth:`StepLoop._recompute_window`): nothing is counted twice and no
+step is lost. The retry covers the whole window (not one loader batch) because the gradients of its
+earlier batches are already mixed into ``.grad``; what it costs is recomputing at most one window
+after an OOM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from adaptrain.core.batching import batch_size_of, detached, split_micro_batches, unpack_batch
 from adaptrain.core.evaluation import EvaluationLoop
-from adaptrain.core.events import CANCEL_EXCEPTIONS, CancelStepException
+from adaptrain.core.events import STAGE_EVENTS, CancelStepException
 
 if TYPE_CHECKING:
     from adaptrain.core.state import TrainState
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
 
-STAGE_EVENTS = {stage: (f"before_{stage}", f"after_cancel_{stage}", f"after_{stage}") for stage in CANCEL_EXCEPTIONS}
 BEFORE_STEP, AFTER_CANCEL_STEP, AFTER_STEP = STAGE_EVENTS["step"]
 
 
